@@ -1,0 +1,204 @@
+"""The `toolkit` command: thin verbs that parse options and call the library.
+
+Errors a user can cause arrive as ToolkitError and leave as one red line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from toolkit.errors import ToolkitError
+
+app = typer.Typer(
+    help="Train, honestly evaluate, export to ONNX and serve small image classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly_errors(fn):
+    """Turn ToolkitError into one red line and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ToolkitError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log library details.")):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _table(title: str, rows: list[dict], columns: list[str] | None = None) -> Table:
+    columns = columns or (list(rows[0]) if rows else [])
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("model", "run", "option", "name") else "right")
+    for row in rows:
+        table.add_row(*[_fmt(row.get(c, "")) for c in columns])
+    return table
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+@app.command("models")
+@friendly_errors
+def models_cmd(
+    image_size: int = typer.Option(32, help="Input size used for the parameter counts."),
+    num_classes: int = typer.Option(10),
+):
+    """List the registered models, their parameter counts and options."""
+    from toolkit.models import MODELS, count_parameters, create_model
+
+    rows = []
+    for name, entry in MODELS.items():
+        params = count_parameters(create_model(name, num_classes, image_size))
+        rows.append({"name": name, "params": params,
+                     "options": " ".join("--" + o.replace("_", "-") for o in entry.options),
+                     "description": entry.description})
+    console.print(_table(f"models ({num_classes} classes, {image_size}x{image_size})", rows))
+
+
+# --- train -----------------------------------------------------------------------------------
+
+DATA_DIR_HELP = "Image folder with train/ and test/ (optional val/), one sub-folder per class."
+SPLITS_HELP = "Folder with train.txt, test.txt (optional val.txt): lines 'relative/path label'."
+DATA_ROOT_HELP = "Where downloads and decoded caches live (default: $TOOLKIT_DATA or ~/.cache/toolkit)."
+
+
+def _abs(path: Path | None) -> str | None:
+    return str(path.resolve()) if path is not None else None
+
+
+@app.command("train")
+@friendly_errors
+def train_cmd(
+    model: str = typer.Argument(None, help="Model name (see `toolkit models`)."),
+    dataset: str = typer.Option("cifar10", help="cifar10 or stl10."),
+    data_dir: Path = typer.Option(None, help=DATA_DIR_HELP),
+    splits: Path = typer.Option(None, help=SPLITS_HELP),
+    data_root: Path = typer.Option(None, help=DATA_ROOT_HELP),
+    download: bool = typer.Option(True, help="Download the official files when missing."),
+    image_size: int = typer.Option(None, help="Train at this size (STL-10: 32 default, 96 native)."),
+    val_fraction: float = typer.Option(0.1, help="Stratified share of train held out as val."),
+    recipe: str = typer.Option("default", help="default (modern, fast) or seed (the reference)."),
+    epochs: int = typer.Option(None),
+    batch_size: int = typer.Option(None),
+    optimizer: str = typer.Option(None, help="sgd, adam or adamw."),
+    lr: float = typer.Option(None, help="(Peak) learning rate."),
+    momentum: float = typer.Option(None),
+    l2: float = typer.Option(None, help="Weight decay (what the reference calls L2)."),
+    schedule: str = typer.Option(None, help="none, step, cosine or onecycle."),
+    augment: bool = typer.Option(None, "--augment/--no-augment", help="Batch crop + flip."),
+    label_smoothing: float = typer.Option(None),
+    grad_clip: float = typer.Option(None, help="Clip the gradient norm (0: off)."),
+    dropout: float = typer.Option(None, help="Dropout probability, where the model has it."),
+    batch_norm: bool = typer.Option(False, "--batch-norm", help="Add BatchNorm (per model)."),
+    width: int = typer.Option(None, help="First-stage channels, where the model has it."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    run_dir: Path = typer.Option(None, help="Run folder (default runs/<dataset>-<model>-<time>)."),
+    resume: Path = typer.Option(None, help="Continue the run in this folder exactly."),
+):
+    """Train MODEL into a run folder (config, metrics, TensorBoard, best.pt, last.pt)."""
+    from toolkit import recipes
+    from toolkit.data import DataOptions
+    from toolkit.models import resolve_options
+    from toolkit.train import TrainConfig, fit
+
+    if resume is not None:
+        result = fit(TrainConfig(model=model or "net"), resume=resume)
+    else:
+        if model is None:
+            raise ToolkitError("name a model to train, e.g. `toolkit train net` "
+                               "(see `toolkit models`)")
+        options = resolve_options(model, dropout=dropout, batch_norm=batch_norm, width=width)
+        values = recipes.resolve(recipe, model, dict(
+            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+            l2=l2, schedule=schedule, augment=augment, label_smoothing=label_smoothing,
+            grad_clip=grad_clip, seed=seed,
+        ))
+        data = DataOptions(dataset=dataset, data_dir=_abs(data_dir), splits=_abs(splits),
+                           data_root=_abs(data_root), image_size=image_size,
+                           val_fraction=val_fraction, download=download)
+        config = TrainConfig(model=model, model_options=options, data=data, recipe=recipe,
+                             device=device, **values)
+        result = fit(config, run_dir=run_dir)
+    console.print(_table("run summary", [{
+        "run": str(result.run_dir),
+        "best val acc": result.best_val_acc,
+        "best epoch": result.best_epoch,
+        "epochs": result.epochs_done,
+        "train time (s)": result.train_seconds,
+        "params": result.num_params,
+        "checkpoint (KB)": result.checkpoint_bytes / 1024,
+    }]))
+    if result.interrupted:
+        console.print(f"interrupted; continue with: toolkit train --resume {result.run_dir}")
+        raise typer.Exit(130)
+    console.print(f"next: toolkit evaluate {result.run_dir}")
+
+
+# --- evaluate / compare ----------------------------------------------------------------------
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_cmd(
+    run: Path = typer.Argument(None, help="Run folder (default: the latest under runs/)."),
+    split: str = typer.Option("test", help="test or val."),
+    device: str = typer.Option("auto"),
+):
+    """Evaluate RUN/best.pt: report, confusion matrix, failure gallery, curves -> RUN/eval/."""
+    from toolkit.evaluate import evaluate_run
+    from toolkit.runs import resolve_run
+
+    summary = evaluate_run(resolve_run(run), split=split, device=device)
+    console.print(_table(f"{summary['split']} split of {summary['run']}", [{
+        "images": summary["n"], "accuracy": summary["accuracy"], "loss": summary["loss"],
+        "macro F1": summary["macro_f1"],
+    }]))
+    console.print(f"reports written to {summary['eval_dir']}")
+
+
+@app.command("compare")
+@friendly_errors
+def compare_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run folders to compare."),
+    out: Path = typer.Option(None, help="Write comparison.md and comparison.csv here."),
+):
+    """Compare runs: params, checkpoint size, epochs, train time, best val acc, test acc."""
+    from toolkit.evaluate import compare_runs
+
+    rows = compare_runs(runs, out_dir=out)
+    console.print(_table("comparison", rows))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,61 @@
+"""Decode one image file into an RGB uint8 array of a given square size.
+
+The same rules serve training data and (mirrored in serving/) uploads: EXIF orientation, any
+mode to RGB (16-bit scaled down, not clipped), centre-crop to a square, bilinear resize.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from toolkit.errors import ToolkitError
+
+RESIZE_FILTER = Image.Resampling.BILINEAR
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16/32-bit greys are rescaled to 8 bits instead of clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on white: a transparent background is not "black" to a person.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    w, h = image.size
+    if w == h:
+        return image
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def prepare(image: Image.Image, size: int) -> np.ndarray:
+    """PIL image -> H×W×3 uint8 at `size`×`size`."""
+    image = center_square(to_rgb(ImageOps.exif_transpose(image) or image))
+    if image.size != (size, size):
+        image = image.resize((size, size), RESIZE_FILTER)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Read a file -> H×W×3 uint8; any decoding problem is a ToolkitError naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.seek(0)  # first frame of an animation
+            return prepare(image, size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ToolkitError(f"cannot read image '{path}': {exc}") from exc

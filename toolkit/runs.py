@@ -1,0 +1,237 @@
+"""Run folders and self-describing checkpoints, all written atomically.
+
+A run folder holds everything a run produced: config.json, metrics.csv, train.log,
+TensorBoard events, best.pt / last.pt, and later eval/ and export/. A checkpoint is a plain
+dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(weights_only=True)`` (no code execution) and rebuilds its model with no other
+input:
+
+    {
+      "format": "toolkit-checkpoint", "format_version": 1, "toolkit_version": "0.1.0",
+      "model":   {"name", "options", "num_classes", "input_size", "in_channels"},
+      "dataset": {"name", "classes", "mean", "std", "image_size", "source", "fingerprint"},
+      "epoch": int (1-based, last finished), "metrics": {...this epoch's metrics.csv row},
+      "best_val_acc": float, "best_epoch": int,
+      "state_dict": the unwrapped, uncompiled model's weights (the `net`, not normalised),
+      "optimizer", "scheduler": state dicts (last.pt only; best.pt keeps them too),
+      "config": the resolved training config (as in config.json),
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolkit import __version__
+from toolkit.errors import ToolkitError
+
+CHECKPOINT_FORMAT = "toolkit-checkpoint"
+CHECKPOINT_VERSION = 1
+DEFAULT_RUNS_ROOT = Path("runs")
+
+
+# --- atomic writes ---------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash (even SIGKILL) leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- run folders -----------------------------------------------------------------------------
+
+
+def new_run_dir(dataset: str, model: str, root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    """runs/<dataset>-<model>-<timestamp>, made unique if two runs start in the same second."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{dataset}-{model}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def latest_run(root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    """The most recently modified run folder under `root` that has a config.json."""
+    root = Path(root)
+    runs = [p for p in root.glob("*/") if (p / "config.json").exists()] if root.is_dir() else []
+    if not runs:
+        raise ToolkitError(
+            f"no runs found under '{root}'; train one first (toolkit train MODEL) "
+            "or pass a run folder"
+        )
+    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
+
+
+def resolve_run(run: Path | None, root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    if run is None:
+        return latest_run(root)
+    run = Path(run)
+    if not run.is_dir():
+        raise ToolkitError(f"run folder '{run}' does not exist")
+    return run
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def make_checkpoint(
+    *,
+    net: nn.Module,
+    model_info: dict,
+    dataset_info: dict,
+    epoch: int,
+    metrics: dict,
+    best_val_acc: float,
+    best_epoch: int,
+    config: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "toolkit_version": __version__,
+        "model": model_info,
+        "dataset": dataset_info,
+        "epoch": epoch,
+        "metrics": metrics,
+        "best_val_acc": best_val_acc,
+        "best_epoch": best_epoch,
+        "state_dict": unwrap(net).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "config": config,
+    }
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / torch.compile wrappers so checkpoints stay portable."""
+    while True:
+        if hasattr(net, "module") and isinstance(net.module, nn.Module):
+            net = net.module
+        elif hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        else:
+            return net
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a toolkit checkpoint safely (weights_only) and check that it is one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"checkpoint '{path}' not found; has this run finished an epoch?")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle, random bytes...
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ToolkitError(
+            f"'{path}' is not a readable toolkit checkpoint ({first_line[:200]})"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ToolkitError(f"'{path}' is not a toolkit checkpoint (no '{CHECKPOINT_FORMAT}' tag)")
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise ToolkitError(
+            f"'{path}' was written by toolkit {ckpt.get('toolkit_version')} with checkpoint "
+            f"format {ckpt['format_version']}; this toolkit ({__version__}) reads up to "
+            f"{CHECKPOINT_VERSION}. Upgrade the toolkit."
+        )
+    return ckpt
+
+
+def build_net(ckpt: dict) -> nn.Module:
+    """Rebuild the (un-normalised) network of a checkpoint and load its weights, in eval mode."""
+    from toolkit.models import create_model
+
+    info = ckpt["model"]
+    net = create_model(
+        info["name"],
+        num_classes=info["num_classes"],
+        input_size=info["input_size"],
+        in_channels=info["in_channels"],
+        **info["options"],
+    )
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise ToolkitError(
+            f"checkpoint weights do not fit model '{info['name']}' {info['options']}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return net.eval()
+
+
+def build_classifier(ckpt: dict) -> nn.Module:
+    """The checkpoint's model with normalisation in front: takes RGB in [0, 1], gives logits."""
+    from toolkit.models import NormalizedClassifier
+
+    ds = ckpt["dataset"]
+    return NormalizedClassifier(build_net(ckpt), ds["mean"], ds["std"]).eval()
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ToolkitError(f"'{path}' not found") from exc
+    except json.JSONDecodeError as exc:
+        raise ToolkitError(f"'{path}' is not valid JSON ({exc})") from exc
+
+
+def write_csv_rows(path: Path, header: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(header))
+    writer.writerows([list(r) for r in rows])
+    atomic_write_text(path, buf.getvalue())
