@@ -199,6 +199,57 @@ def compare_cmd(
     rows = compare_runs(runs, out_dir=out)
     console.print(_table("comparison", rows))
 
+# --- export / bench --------------------------------------------------------------------------
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    run: Path = typer.Argument(None, help="Run folder (default: the latest under runs/)."),
+    out: Path = typer.Option(None, help="Output folder (default RUN/export)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write a static INT8 (QDQ) model."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write an fp16 model (GPU use)."),
+    triton: Path = typer.Option(None, help="Also lay out a Triton model repository here."),
+    opset: int = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+):
+    """Export RUN/best.pt to ONNX, verify parity on the test split, measure size and latency."""
+    from toolkit.export import export_run, print_report
+    from toolkit.runs import resolve_run
+
+    report = export_run(resolve_run(run), out_dir=out, int8=int8, fp16=fp16,
+                        triton_dir=triton, opset=opset)
+    print_report(report, console)
+
+
+@app.command("bench")
+@friendly_errors
+def bench_cmd(paths: list[Path] = typer.Argument(..., help="model.onnx files (or folders).")):
+    """Latency / throughput table for exported ONNX models."""
+    from toolkit.export import bench_models, print_bench
+
+    print_bench(bench_models(paths), console)
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+@app.command("serve")
+@friendly_errors
+def serve_cmd(
+    artifacts: Path = typer.Option(Path("artifacts"), help="Folder of exported models."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0: every one)."),
+    port: int = typer.Option(7860),
+    auth: str = typer.Option(None, help="user:password (or $TOOLKIT_AUTH)."),
+    share: bool = typer.Option(False, "--share", help="Ask Gradio for a public share link."),
+):
+    """Serve the exported models in a Gradio web app (onnxruntime, no torch)."""
+    from serving.app import main as serve_main
+
+    argv = ["--artifacts", str(artifacts), "--host", host, "--port", str(port)]
+    argv += ["--auth", auth] if auth else []
+    argv += ["--share"] if share else []
+    serve_main(argv)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
