@@ -36,7 +36,12 @@ def trained_run(tmp_path_factory, cifar_folder) -> Path:
     config = TrainConfig(
         model="net",
         data=DataOptions(data_dir=str(cifar_folder), data_root=str(root / "data")),
-        epochs=4, batch_size=32, lr=0.05, augment=False, label_smoothing=0.0, device="cpu",
+        epochs=4,
+        batch_size=32,
+        lr=0.05,
+        augment=False,
+        label_smoothing=0.0,
+        device="cpu",
     )
     return fit(config, run_dir=root / "net-run").run_dir
 

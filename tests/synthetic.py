@@ -12,10 +12,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                 "dog", "frog", "horse", "ship", "truck")
-STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
-                 "truck")
+CIFAR_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+STL10_CLASSES = (
+    "airplane",
+    "bird",
+    "car",
+    "cat",
+    "deer",
+    "dog",
+    "horse",
+    "monkey",
+    "ship",
+    "truck",
+)
 
 
 def class_images(label: int, count: int, size: int, seed: int) -> np.ndarray:
@@ -29,8 +49,9 @@ def class_images(label: int, count: int, size: int, seed: int) -> np.ndarray:
     return np.clip(base[None] + noise, 0, 255).astype(np.uint8)
 
 
-def write_image_folder(root: Path, classes=CIFAR_CLASSES, per_class=None, size: int = 32,
-                       suffix: str = ".png") -> Path:
+def write_image_folder(
+    root: Path, classes=CIFAR_CLASSES, per_class=None, size: int = 32, suffix: str = ".png"
+) -> Path:
     """root/{train,test}/<class>/NNNN.png — the layout of ../shared/data/cifar10."""
     per_class = per_class or {"train": 30, "test": 10}
     for s, (split, count) in enumerate(per_class.items()):
@@ -50,12 +71,20 @@ def write_cifar10_batches(root: Path, per_batch: int = 20, test: int = 40) -> Pa
     for seed, name in enumerate(names):
         count = test if name == "test_batch" else per_batch
         labels = [i % 10 for i in range(count)]
-        images = np.stack([class_images(lbl, 1, 32, seed * 100 + i)[0]
-                           for i, lbl in enumerate(labels)])
+        images = np.stack(
+            [class_images(lbl, 1, 32, seed * 100 + i)[0] for i, lbl in enumerate(labels)]
+        )
         data = images.transpose(0, 3, 1, 2).reshape(count, 3072)  # rows are R, G, B planes
         with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels, "data": data,
-                         "filenames": [f"{i}.png" for i in range(count)]}, f)
+            pickle.dump(
+                {
+                    "batch_label": name,
+                    "labels": labels,
+                    "data": data,
+                    "filenames": [f"{i}.png" for i in range(count)],
+                },
+                f,
+            )
     return root
 
 
@@ -73,8 +102,9 @@ def write_stl10_binary(root: Path, train: int = 40, test: int = 20) -> Path:
     return root
 
 
-def write_split_files(root: Path, classes=STL10_CLASSES, per_class=None, size: int = 96,
-                      one_based: bool = True) -> Path:
+def write_split_files(
+    root: Path, classes=STL10_CLASSES, per_class=None, size: int = 96, one_based: bool = True
+) -> Path:
     """root/images/<split>/<class>_<i>.png plus root/{train,val,test}.txt ('path label')."""
     per_class = per_class or {"train": 12, "val": 4, "test": 4}
     for s, (split, count) in enumerate(per_class.items()):

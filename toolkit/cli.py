@@ -42,17 +42,30 @@ def friendly_errors(fn):
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log library details.")):
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _table(title: str, rows: list[dict], columns: list[str] | None = None) -> Table:
     columns = columns or (list(rows[0]) if rows else [])
     table = Table(title=title)
     for c in columns:
-        table.add_column(c, justify="left" if c in ("model", "run", "option", "name") else "right")
+        left = c in ("model", "run", "options", "name", "description")
+        table.add_column(c, justify="left" if left else "right")
     for row in rows:
         table.add_row(*[_fmt(row.get(c, "")) for c in columns])
+    return table
+
+
+def _summary(title: str, values: dict) -> Table:
+    """A two-column key/value table, readable at any terminal width."""
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in values.items():
+        table.add_row(key, _fmt(value))
     return table
 
 
@@ -79,9 +92,14 @@ def models_cmd(
     rows = []
     for name, entry in MODELS.items():
         params = count_parameters(create_model(name, num_classes, image_size))
-        rows.append({"name": name, "params": params,
-                     "options": " ".join("--" + o.replace("_", "-") for o in entry.options),
-                     "description": entry.description})
+        rows.append(
+            {
+                "name": name,
+                "params": params,
+                "options": " ".join("--" + o.replace("_", "-") for o in entry.options),
+                "description": entry.description,
+            }
+        )
     console.print(_table(f"models ({num_classes} classes, {image_size}x{image_size})", rows))
 
 
@@ -89,7 +107,9 @@ def models_cmd(
 
 DATA_DIR_HELP = "Image folder with train/ and test/ (optional val/), one sub-folder per class."
 SPLITS_HELP = "Folder with train.txt, test.txt (optional val.txt): lines 'relative/path label'."
-DATA_ROOT_HELP = "Where downloads and decoded caches live (default: $TOOLKIT_DATA or ~/.cache/toolkit)."
+DATA_ROOT_HELP = (
+    "Where downloads and decoded caches live (default: $TOOLKIT_DATA or ~/.cache/toolkit)."
+)
 
 
 def _abs(path: Path | None) -> str | None:
@@ -105,7 +125,9 @@ def train_cmd(
     splits: Path = typer.Option(None, help=SPLITS_HELP),
     data_root: Path = typer.Option(None, help=DATA_ROOT_HELP),
     download: bool = typer.Option(True, help="Download the official files when missing."),
-    image_size: int = typer.Option(None, help="Train at this size (STL-10: 32 default, 96 native)."),
+    image_size: int = typer.Option(
+        None, help="Train at this size (STL-10: 32 default, 96 native)."
+    ),
     val_fraction: float = typer.Option(0.1, help="Stratified share of train held out as val."),
     recipe: str = typer.Option("default", help="default (modern, fast) or seed (the reference)."),
     epochs: int = typer.Option(None),
@@ -136,33 +158,58 @@ def train_cmd(
         result = fit(TrainConfig(model=model or "net"), resume=resume)
     else:
         if model is None:
-            raise ToolkitError("name a model to train, e.g. `toolkit train net` "
-                               "(see `toolkit models`)")
+            raise ToolkitError(
+                "name a model to train, e.g. `toolkit train net` (see `toolkit models`)"
+            )
         options = resolve_options(model, dropout=dropout, batch_norm=batch_norm, width=width)
-        values = recipes.resolve(recipe, model, dict(
-            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-            l2=l2, schedule=schedule, augment=augment, label_smoothing=label_smoothing,
-            grad_clip=grad_clip, seed=seed,
-        ))
-        data = DataOptions(dataset=dataset, data_dir=_abs(data_dir), splits=_abs(splits),
-                           data_root=_abs(data_root), image_size=image_size,
-                           val_fraction=val_fraction, download=download)
-        config = TrainConfig(model=model, model_options=options, data=data, recipe=recipe,
-                             device=device, **values)
+        values = recipes.resolve(
+            recipe,
+            model,
+            dict(
+                epochs=epochs,
+                batch_size=batch_size,
+                optimizer=optimizer,
+                lr=lr,
+                momentum=momentum,
+                l2=l2,
+                schedule=schedule,
+                augment=augment,
+                label_smoothing=label_smoothing,
+                grad_clip=grad_clip,
+                seed=seed,
+            ),
+        )
+        data = DataOptions(
+            dataset=dataset,
+            data_dir=_abs(data_dir),
+            splits=_abs(splits),
+            data_root=_abs(data_root),
+            image_size=image_size,
+            val_fraction=val_fraction,
+            download=download,
+        )
+        config = TrainConfig(
+            model=model, model_options=options, data=data, recipe=recipe, device=device, **values
+        )
         result = fit(config, run_dir=run_dir)
-    console.print(_table("run summary", [{
-        "run": str(result.run_dir),
-        "best val acc": result.best_val_acc,
-        "best epoch": result.best_epoch,
-        "epochs": result.epochs_done,
-        "train time (s)": result.train_seconds,
-        "params": result.num_params,
-        "checkpoint (KB)": result.checkpoint_bytes / 1024,
-    }]))
+    console.print(
+        _summary(
+            "run summary",
+            {
+                "run": str(result.run_dir),
+                "best val acc": result.best_val_acc,
+                "best epoch": result.best_epoch,
+                "epochs": result.epochs_done,
+                "train time (s)": result.train_seconds,
+                "params": result.num_params,
+                "checkpoint (KB)": result.checkpoint_bytes / 1024,
+            },
+        )
+    )
     if result.interrupted:
         console.print(f"interrupted; continue with: toolkit train --resume {result.run_dir}")
         raise typer.Exit(130)
-    console.print(f"next: toolkit evaluate {result.run_dir}")
+    console.print(f"next: toolkit evaluate {result.run_dir}", soft_wrap=True)
 
 
 # --- evaluate / compare ----------------------------------------------------------------------
@@ -180,10 +227,17 @@ def evaluate_cmd(
     from toolkit.runs import resolve_run
 
     summary = evaluate_run(resolve_run(run), split=split, device=device)
-    console.print(_table(f"{summary['split']} split of {summary['run']}", [{
-        "images": summary["n"], "accuracy": summary["accuracy"], "loss": summary["loss"],
-        "macro F1": summary["macro_f1"],
-    }]))
+    console.print(
+        _summary(
+            f"{summary['split']} split of {summary['run']}",
+            {
+                "images": summary["n"],
+                "accuracy": summary["accuracy"],
+                "loss": summary["loss"],
+                "macro F1": summary["macro_f1"],
+            },
+        )
+    )
     console.print(f"reports written to {summary['eval_dir']}")
 
 
@@ -198,6 +252,7 @@ def compare_cmd(
 
     rows = compare_runs(runs, out_dir=out)
     console.print(_table("comparison", rows))
+
 
 # --- export / bench --------------------------------------------------------------------------
 
@@ -216,8 +271,9 @@ def export_cmd(
     from toolkit.export import export_run, print_report
     from toolkit.runs import resolve_run
 
-    report = export_run(resolve_run(run), out_dir=out, int8=int8, fp16=fp16,
-                        triton_dir=triton, opset=opset)
+    report = export_run(
+        resolve_run(run), out_dir=out, int8=int8, fp16=fp16, triton_dir=triton, opset=opset
+    )
     print_report(report, console)
 
 

@@ -52,8 +52,7 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(
         "cifar10",
-        ("airplane", "automobile", "bird", "cat", "deer",
-         "dog", "frog", "horse", "ship", "truck"),
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         native_size=32,
         default_size=32,
     ),
@@ -172,8 +171,9 @@ def read_stl10_binary(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             )
         images = raw.reshape(-1, 3, STL10_SIDE, STL10_SIDE).transpose(0, 1, 3, 2)  # col-major
         if len(images) != len(labels):
-            raise ToolkitError(f"'{x_path}' has {len(images)} images but '{y_path}' "
-                               f"has {len(labels)} labels")
+            raise ToolkitError(
+                f"'{x_path}' has {len(images)} images but '{y_path}' has {len(labels)} labels"
+            )
         if labels.size and (labels.min() < 1 or labels.max() > 10):
             raise ToolkitError(f"'{y_path}': labels must be 1..10")
         out[split] = (np.ascontiguousarray(images), labels - 1)
@@ -279,9 +279,9 @@ def read_split_file(path: Path, num_classes: int) -> tuple[list[Path], list[int]
 
 
 def _split_file_labels(files: dict[str, tuple], num_classes: int) -> dict[str, np.ndarray]:
-    """Labels 1..K (the STL-10 reference) or 0..K-1, decided once over all split files."""
-    every = [label for _, labels, _ in files.values() for label in labels]
-    one_based = min(every) >= 1 and max(every) == num_classes
+    """Labels 1..K (the STL-10 reference) or 0..K-1, decided once over all split files:
+    no label 0 anywhere means 1-based."""
+    one_based = min(label for _, labels, _ in files.values() for label in labels) >= 1
     out = {}
     for split, (_, labels, lines) in files.items():
         shifted = np.asarray(labels, dtype=np.int64) - (1 if one_based else 0)
@@ -362,8 +362,10 @@ def _build_official(spec: DatasetSpec, root: Path, size: int, download: bool):
     try:
         arrays = reader(folder)
     except FileNotFoundError as exc:
-        raise ToolkitError(f"{spec.name} files incomplete in '{folder}': {exc.filename} is "
-                           "missing; delete the folder to download again") from exc
+        raise ToolkitError(
+            f"{spec.name} files incomplete in '{folder}': {exc.filename} is "
+            "missing; delete the folder to download again"
+        ) from exc
     files = sorted(p for p in folder.iterdir() if p.is_file())
     fingerprint = _listing_fingerprint(files)
     return fingerprint, lambda: {
@@ -388,7 +390,9 @@ def _build_folder(spec: DatasetSpec, root: Path, size: int):
 
 
 def _build_splits(spec: DatasetSpec, root: Path, size: int):
-    files = {s: root / f"{s}.txt" for s in ("train", "val", "test") if (root / f"{s}.txt").is_file()}
+    files = {
+        s: root / f"{s}.txt" for s in ("train", "val", "test") if (root / f"{s}.txt").is_file()
+    }
     if "train" not in files:
         raise ToolkitError(f"'{root}' has no train.txt (lines 'relative/path label')")
     parsed = {s: read_split_file(p, spec.num_classes) for s, p in files.items()}
@@ -400,7 +404,9 @@ def _build_splits(spec: DatasetSpec, root: Path, size: int):
     }
 
 
-def carve_val(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def carve_val(
+    labels: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified, seeded split of train indices into (train, val)."""
     if not 0.0 < fraction < 1.0:
         raise ToolkitError(f"--val-fraction must be between 0 and 1, got {fraction}")

@@ -32,18 +32,22 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with reflect padding + horizontal flip, per image, on a float batch."""
-    n, _, h, w = images.shape
+    """Random crop with reflect padding + horizontal flip, per image, on a float batch.
+
+    Two gathers (rows, then columns) instead of a Python loop over images: the same code is
+    fast on the CPU and needs no host sync on a GPU.
+    """
+    n, c, h, w = images.shape
     p = CROP_PADDING
+    device = images.device
     padded = F.pad(images, (p, p, p, p), mode="reflect")
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(images.device)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
-    channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-    cropped = padded[batch, channel, rows, cols]
-    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+    cropped = padded.gather(2, rows.expand(n, c, h, w + 2 * p))
+    cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+    cropped = cropped.gather(3, cols.expand(n, c, h, w))
+    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
 
 
@@ -55,7 +59,9 @@ class Normalizer:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float().div_(255) - self.mean) / self.std
+        # channels_last: convolutions run ~2x faster in it on the CPU, and on CUDA too.
+        x = (images.float().div_(255) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)
 
 
 @dataclass
@@ -114,8 +120,10 @@ def train_one_epoch(
             seen += len(idx)
             if step % 20 == 0 or step == len(batches) - 1:
                 elapsed = time.perf_counter() - start
-                bar.update(status=f"loss {total_loss.item() / seen:.3f} "
-                                  f"acc {correct.item() / seen:.3f} {seen / elapsed:,.0f} img/s")
+                bar.update(
+                    status=f"loss {total_loss.item() / seen:.3f} "
+                    f"acc {correct.item() / seen:.3f} {seen / elapsed:,.0f} img/s"
+                )
             bar.advance(1)
     seconds = time.perf_counter() - start
     return EpochResult(total_loss.item() / seen, correct.item() / seen, seconds, seen / seconds)
@@ -123,7 +131,10 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_logits(
-    net: nn.Module, images: torch.Tensor, normalize: Normalizer, device: torch.device,
+    net: nn.Module,
+    images: torch.Tensor,
+    normalize: Normalizer,
+    device: torch.device,
     batch_size: int = 1000,
 ) -> torch.Tensor:
     """Logits for a uint8 N×C×H×W tensor, in large no-grad batches; returned on the CPU."""
@@ -136,7 +147,10 @@ def predict_logits(
 
 
 def evaluate_split(
-    net: nn.Module, split: Split, normalize: Normalizer, device: torch.device,
+    net: nn.Module,
+    split: Split,
+    normalize: Normalizer,
+    device: torch.device,
     batch_size: int = 1000,
 ) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) on a split, no label smoothing."""

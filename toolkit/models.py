@@ -116,8 +116,11 @@ class NormalizedClassifier(nn.Module):
 # --- the seed architectures ------------------------------------------------------------------
 
 
-@register("mlp", "fully connected baseline: flatten -> 1024 -> 512 -> 128 -> classes, tanh",
-          options=("dropout", "batch_norm"))
+@register(
+    "mlp",
+    "fully connected baseline: flatten -> 1024 -> 512 -> 128 -> classes, tanh",
+    options=("dropout", "batch_norm"),
+)
 def build_mlp(num_classes, input_size, in_channels, dropout=0.0, batch_norm=False):
     layers: list[nn.Module] = [nn.Flatten()]
     sizes = [in_channels * input_size * input_size, 1024, 512, 128]
@@ -150,18 +153,31 @@ def _small_cnn(num_classes, input_size, in_channels, width, stages, dropout, bat
     for cin, cout in zip(channels, channels[1:], strict=False):
         layers += _tanh_conv_stage(cin, cout, dropout, batch_norm)
     side = _after_pools(input_size, stages, name=name)
-    layers += [nn.Flatten(), nn.Linear(half * side * side, 32), nn.Tanh(), nn.Linear(32, num_classes)]
+    layers += [
+        nn.Flatten(),
+        nn.Linear(half * side * side, 32),
+        nn.Tanh(),
+        nn.Linear(32, num_classes),
+    ]
     return nn.Sequential(*layers)
 
 
-@register("net", "small CNN: conv(w) tanh pool, conv(w/2) tanh pool, fc 32, fc classes",
-          options=("dropout", "batch_norm", "width"), width=16)
+@register(
+    "net",
+    "small CNN: conv(w) tanh pool, conv(w/2) tanh pool, fc 32, fc classes",
+    options=("dropout", "batch_norm", "width"),
+    width=16,
+)
 def build_net(num_classes, input_size, in_channels, width=16, dropout=0.0, batch_norm=False):
     return _small_cnn(num_classes, input_size, in_channels, width, 2, dropout, batch_norm, "net")
 
 
-@register("net2", "`net` with a third conv(w/2) tanh pool stage",
-          options=("dropout", "batch_norm", "width"), width=16)
+@register(
+    "net2",
+    "`net` with a third conv(w/2) tanh pool stage",
+    options=("dropout", "batch_norm", "width"),
+    width=16,
+)
 def build_net2(num_classes, input_size, in_channels, width=16, dropout=0.0, batch_norm=False):
     return _small_cnn(num_classes, input_size, in_channels, width, 3, dropout, batch_norm, "net2")
 
@@ -181,10 +197,13 @@ class ResBlock(nn.Module):
         return torch.relu(self.bn(self.conv(x))) + x
 
 
-@register("resnet10",
-          "conv(w) relu pool, 10 x ResBlock(w), pool, fc 32 relu, fc classes "
-          "(--batch-norm adds BN to the stem and fc; the blocks always have it)",
-          options=("dropout", "batch_norm", "width"), width=32)
+@register(
+    "resnet10",
+    "conv(w) relu pool, 10 x ResBlock(w), pool, fc 32 relu, fc classes "
+    "(--batch-norm adds BN to the stem and fc; the blocks always have it)",
+    options=("dropout", "batch_norm", "width"),
+    width=32,
+)
 def build_resnet10(num_classes, input_size, in_channels, width=32, dropout=0.0, batch_norm=False):
     stem: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1)]
     if batch_norm:
@@ -204,9 +223,12 @@ def build_resnet10(num_classes, input_size, in_channels, width=32, dropout=0.0, 
     return nn.Sequential(*stem, *body, *head)
 
 
-@register("lenet5", "LeNet-5: conv5x5(6) relu pool, conv5x5(16) relu pool, fc 120, fc 84, fc "
-          "classes (--batch-norm: BN after every relu, as the reference)",
-          options=("dropout", "batch_norm"))
+@register(
+    "lenet5",
+    "LeNet-5: conv5x5(6) relu pool, conv5x5(16) relu pool, fc 120, fc 84, fc "
+    "classes (--batch-norm: BN after every relu, as the reference)",
+    options=("dropout", "batch_norm"),
+)
 def build_lenet5(num_classes, input_size, in_channels, dropout=0.0, batch_norm=False):
     def act(n: int, dims: int) -> list[nn.Module]:
         out: list[nn.Module] = [nn.ReLU()]
@@ -219,10 +241,16 @@ def build_lenet5(num_classes, input_size, in_channels, dropout=0.0, batch_norm=F
 
     side = _after_pools(input_size, 2, shrink_per_conv=4, name="lenet5")
     return nn.Sequential(
-        nn.Conv2d(in_channels, 6, 5), *act(6, 2), *pool(),
-        nn.Conv2d(6, 16, 5), *act(16, 2), *pool(),
+        nn.Conv2d(in_channels, 6, 5),
+        *act(6, 2),
+        *pool(),
+        nn.Conv2d(6, 16, 5),
+        *act(16, 2),
+        *pool(),
         nn.Flatten(),
-        nn.Linear(16 * side * side, 120), *act(120, 1),
-        nn.Linear(120, 84), *act(84, 1),
+        nn.Linear(16 * side * side, 120),
+        *act(120, 1),
+        nn.Linear(120, 84),
+        *act(84, 1),
         nn.Linear(84, num_classes),
     )

@@ -14,25 +14,60 @@ SCHEDULES = ("none", "step", "cosine", "onecycle")
 
 # The reference recipes, from ../shared/SEED_EXPERIMENTS.md (plain SGD, no momentum,
 # no augmentation, constant learning rate unless the table says otherwise).
-_SEED_SGD = dict(optimizer="sgd", lr=1e-2, momentum=0.0, nesterov=False, batch_size=64,
-                 epochs=300, schedule="none", augment=False, label_smoothing=0.0, l2=0.0,
-                 warmup_epochs=0.0, grad_clip=0.0)
+_SEED_SGD = dict(
+    optimizer="sgd",
+    lr=1e-2,
+    momentum=0.0,
+    nesterov=False,
+    batch_size=64,
+    epochs=300,
+    schedule="none",
+    augment=False,
+    label_smoothing=0.0,
+    l2=0.0,
+    warmup_epochs=0.0,
+    grad_clip=0.0,
+)
 SEED = {
     "mlp": _SEED_SGD,
     "net": _SEED_SGD,
     "net2": _SEED_SGD,
     "resnet10": {**_SEED_SGD, "lr": 3e-3},
-    "lenet5": dict(optimizer="adam", lr=1e-3, momentum=0.0, nesterov=False, batch_size=128,
-                   epochs=100, schedule="step", step_size=20, gamma=0.5, augment=False,
-                   label_smoothing=0.0, l2=0.0, warmup_epochs=0.0, grad_clip=0.0),
+    "lenet5": dict(
+        optimizer="adam",
+        lr=1e-3,
+        momentum=0.0,
+        nesterov=False,
+        batch_size=128,
+        epochs=100,
+        schedule="step",
+        step_size=20,
+        gamma=0.5,
+        augment=False,
+        label_smoothing=0.0,
+        l2=0.0,
+        warmup_epochs=0.0,
+        grad_clip=0.0,
+    ),
 }
 
 # The modern recipe: batch crop+flip, label smoothing, SGD-nesterov with a one-cycle
 # schedule, weight decay. resnet10 has no normalisation on its residual stream, so it gets
 # a lower peak, a longer warm-up and gradient clipping (the aggressive recipe collapses it).
-_DEFAULT = dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, batch_size=128,
-                epochs=15, schedule="onecycle", augment=True, label_smoothing=0.1, l2=5e-4,
-                warmup_epochs=0.0, grad_clip=0.0)
+_DEFAULT = dict(
+    optimizer="sgd",
+    lr=0.05,
+    momentum=0.9,
+    nesterov=True,
+    batch_size=128,
+    epochs=15,
+    schedule="onecycle",
+    augment=True,
+    label_smoothing=0.1,
+    l2=5e-4,
+    warmup_epochs=0.0,
+    grad_clip=0.0,
+)
 DEFAULT = {
     "mlp": {**_DEFAULT, "lr": 0.01},
     "net": _DEFAULT,

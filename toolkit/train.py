@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +34,14 @@ from toolkit.runs import (
 log = logging.getLogger("toolkit.train")
 
 METRIC_COLUMNS = (
-    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "img_per_s",
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "seconds",
+    "img_per_s",
 )
 
 
@@ -75,9 +81,13 @@ class TrainConfig:
 def make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     params = net.parameters()
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov and config.momentum > 0,
-                               weight_decay=config.l2)
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov and config.momentum > 0,
+            weight_decay=config.l2,
+        )
     if config.optimizer == "adam":  # coupled L2, as the reference's Adam(weight_decay=...)
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.l2)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.l2)
@@ -179,15 +189,21 @@ def fit(
     if data is None:
         data = load_data(config.data, seed=config.seed)
     if state is not None and state["dataset"]["fingerprint"] != data.fingerprint:
-        raise ToolkitError(f"the data of '{run_dir}' has changed since it started; "
-                           "resume needs the same files")
+        raise ToolkitError(
+            f"the data of '{run_dir}' has changed since it started; resume needs the same files"
+        )
     run_dir = Path(run_dir) if run_dir else new_run_dir(config.data.dataset, config.model)
     _check_writable(run_dir)
 
     torch.manual_seed(config.seed)  # initial weights
-    net = create_model(config.model, num_classes=data.spec.num_classes,
-                       input_size=data.image_size, in_channels=data.spec.channels, **options)
-    net.to(device)
+    net = create_model(
+        config.model,
+        num_classes=data.spec.num_classes,
+        input_size=data.image_size,
+        in_channels=data.spec.channels,
+        **options,
+    )
+    net.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(config, net)
     steps_per_epoch = _steps_per_epoch(len(data.train), config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))
@@ -197,31 +213,50 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
 
     num_params = count_parameters(net)
-    model_info = {"name": config.model, "options": options, "num_classes": data.spec.num_classes,
-                  "input_size": data.image_size, "in_channels": data.spec.channels}
+    model_info = {
+        "name": config.model,
+        "options": options,
+        "num_classes": data.spec.num_classes,
+        "input_size": data.image_size,
+        "in_channels": data.spec.channels,
+    }
     config_dict = asdict(config)
     if state is None:
-        atomic_write_json(run_dir / "config.json", {
-            **config_dict,
-            "model_options": options,
-            "num_params": num_params,
-            "dataset_info": data.info(),
-            "val_is_carved": data.val_is_carved,
-            "sizes": {"train": len(data.train), "val": len(data.val),
-                      "test": len(data.test) if data.test is not None else 0},
-            "toolkit_version": __version__,
-            "torch_version": torch.__version__,
-            "created": datetime.now().isoformat(timespec="seconds"),
-        })
+        atomic_write_json(
+            run_dir / "config.json",
+            {
+                **config_dict,
+                "model_options": options,
+                "num_params": num_params,
+                "dataset_info": data.info(),
+                "val_is_carved": data.val_is_carved,
+                "sizes": {
+                    "train": len(data.train),
+                    "val": len(data.val),
+                    "test": len(data.test) if data.test is not None else 0,
+                },
+                "toolkit_version": __version__,
+                "torch_version": torch.__version__,
+                "created": datetime.now().isoformat(timespec="seconds"),
+            },
+        )
 
     normalize = Normalizer(data.mean, data.std, device)
     writer = _tensorboard(run_dir)
     interrupted = False
     epoch = start_epoch - 1
     with _RunLog(run_dir):
-        log.info("run %s: %s %s on %s (%d train / %d val), %d params, device %s",
-                 run_dir, config.model, options, data.spec.name, len(data.train),
-                 len(data.val), num_params, device)
+        log.info(
+            "run %s: %s %s on %s (%d train / %d val), %d params, device %s",
+            run_dir,
+            config.model,
+            options,
+            data.spec.name,
+            len(data.train),
+            len(data.val),
+            num_params,
+            device,
+        )
         try:
             for epoch in range(start_epoch, config.epochs + 1):
                 # Every epoch re-seeds from (seed, epoch): order, augmentation and dropout do
@@ -231,10 +266,17 @@ def fit(
                 lr = optimizer.param_groups[0]["lr"]
                 try:
                     result = train_one_epoch(
-                        net, data.train, normalize, optimizer, scheduler,
-                        batch_size=config.batch_size, augment=config.augment,
-                        label_smoothing=config.label_smoothing, grad_clip=config.grad_clip,
-                        generator=generator, device=device,
+                        net,
+                        data.train,
+                        normalize,
+                        optimizer,
+                        scheduler,
+                        batch_size=config.batch_size,
+                        augment=config.augment,
+                        label_smoothing=config.label_smoothing,
+                        grad_clip=config.grad_clip,
+                        generator=generator,
+                        device=device,
                         description=f"epoch {epoch}/{config.epochs}",
                     )
                 except FloatingPointError as exc:
@@ -243,12 +285,26 @@ def fit(
                         f"is {run_dir / 'last.pt'} (epoch {epoch - 1}); try a lower --lr"
                     ) from exc
                 val_loss, val_acc = evaluate_split(net, data.val, normalize, device)
-                row = {"epoch": epoch, "train_loss": result.loss, "train_acc": result.acc,
-                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
-                       "seconds": result.seconds, "img_per_s": result.images_per_second}
+                row = {
+                    "epoch": epoch,
+                    "train_loss": result.loss,
+                    "train_acc": result.acc,
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "lr": lr,
+                    "seconds": result.seconds,
+                    "img_per_s": result.images_per_second,
+                }
                 history.append(row)
-                log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
-                         epoch, result.loss, result.acc, val_loss, val_acc, result.seconds)
+                log.info(
+                    "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
+                    epoch,
+                    result.loss,
+                    result.acc,
+                    val_loss,
+                    val_acc,
+                    result.seconds,
+                )
                 if writer is not None:
                     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
                         group, name = key.split("_", 1) if key != "lr" else ("opt", "lr")
@@ -257,20 +313,35 @@ def fit(
                 if val_acc > best[0]:
                     best = (val_acc, epoch)
                 ckpt = make_checkpoint(
-                    net=net, model_info=model_info, dataset_info=data.info(), epoch=epoch,
-                    metrics=row, best_val_acc=best[0], best_epoch=best[1],
-                    config=config_dict, optimizer=optimizer, scheduler=scheduler,
+                    net=net,
+                    model_info=model_info,
+                    dataset_info=data.info(),
+                    epoch=epoch,
+                    metrics=row,
+                    best_val_acc=best[0],
+                    best_epoch=best[1],
+                    config=config_dict,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
                 )
                 ckpt["history"] = history
                 if best[1] == epoch:
                     atomic_torch_save(run_dir / "best.pt", ckpt)
                 atomic_torch_save(run_dir / "last.pt", ckpt)
-                write_csv_rows(run_dir / "metrics.csv", METRIC_COLUMNS,
-                               [[r[c] for c in METRIC_COLUMNS] for r in history])
+                write_csv_rows(
+                    run_dir / "metrics.csv",
+                    METRIC_COLUMNS,
+                    [[r[c] for c in METRIC_COLUMNS] for r in history],
+                )
         except KeyboardInterrupt:
             interrupted = True
-            log.warning("interrupted in epoch %d; last.pt holds epoch %d. Continue with: "
-                        "toolkit train --resume %s", epoch, epoch - 1, run_dir)
+            log.warning(
+                "interrupted in epoch %d; last.pt holds epoch %d. Continue with: "
+                "toolkit train --resume %s",
+                epoch,
+                epoch - 1,
+                run_dir,
+            )
         finally:
             if writer is not None:
                 writer.close()
@@ -301,5 +372,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
+        return [
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]

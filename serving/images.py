@@ -1,0 +1,141 @@
+"""Decode an upload into the RGB uint8 array a model was trained on — without torch or toolkit.
+
+These rules mirror toolkit/images.py line for line (EXIF orientation, any mode to RGB with
+16-bit scaled down rather than clipped and alpha composited on white, centre-crop to a square,
+PIL bilinear resize). The serving image ships neither torch nor toolkit, so the logic is
+duplicated here on purpose; tests/test_serving.py proves the two give identical arrays.
+
+On top of that, uploads come from strangers: `open_upload` refuses empty, non-image, truncated,
+tiny and decompression-bomb files with an `ImageError` whose message says what was wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+RESIZE_FILTER = Image.Resampling.BILINEAR
+
+# Decoders we trust with a stranger's bytes (the formats toolkit reads for training). Pillow
+# can open more (EPS even shells out to Ghostscript), which a public upload box must not.
+UPLOAD_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP, TIFF, WebP or PPM"
+
+# A 50-megapixel phone photo still fits; a header claiming more is refused before decoding.
+MAX_PIXELS = 50_000_000
+# Below this a picture holds too little for any class to mean anything.
+MIN_SIDE = 8
+
+
+class ImageError(ValueError):
+    """An upload that cannot be classified; the message is meant for the person uploading."""
+
+
+# --- the preprocessing contract (mirror of toolkit/images.py) --------------------------------
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16/32-bit greys are rescaled to 8 bits instead of clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on white: a transparent background is not "black" to a person.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    """The largest centred square (the training data is square, so uploads must be too)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def prepare(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """PIL image -> H×W×3 uint8 at `size` = (height, width)."""
+    height, width = size
+    image = center_square(to_rgb(ImageOps.exif_transpose(image) or image))
+    if image.size != (width, height):
+        image = image.resize((width, height), RESIZE_FILTER)
+    return np.asarray(image, dtype=np.uint8)
+
+
+# --- untrusted uploads -----------------------------------------------------------------------
+
+
+def open_upload(source: str | Path | bytes, name: str = "the upload") -> Image.Image:
+    """Open and fully decode the first frame of an uploaded image, or raise ImageError.
+
+    `source` is a file path or the file's bytes; `name` is how messages refer to it.
+    """
+    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+    if not data:
+        raise ImageError(f"{name} is empty (0 bytes); upload a {FORMAT_NAMES} image")
+    try:
+        # Pillow warns above its own pixel limit; we check our (lower) limit explicitly below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not a {FORMAT_NAMES} image") from None
+    except Image.DecompressionBombError:
+        raise ImageError(_too_large(name, None)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{name} is a damaged image ({_first_line(exc)})") from None
+    _check_dimensions(image, name)
+    return _decode_first_frame(image, name)
+
+
+def _check_dimensions(image: Image.Image, name: str) -> None:
+    """Refuse by header alone: a bomb must be stopped before its pixels are allocated."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(_too_large(name, (width, height)))
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(
+            f"{name} is only {width}×{height} pixels; a picture needs at least "
+            f"{MIN_SIDE}×{MIN_SIDE} pixels to be classified"
+        )
+
+
+def _decode_first_frame(image: Image.Image, name: str) -> Image.Image:
+    """Load pixel data now, so truncation is reported here rather than deep in resizing."""
+    try:
+        image.seek(0)  # an animation is classified by its first frame
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        message = _first_line(exc)
+        if "truncated" in message.lower():
+            raise ImageError(f"{name} is truncated ({message}); upload the whole file") from None
+        raise ImageError(f"{name} is a damaged image ({message})") from None
+    return image
+
+
+def _too_large(name: str, size: tuple[int, int] | None) -> str:
+    limit = f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels"
+    if size is None:
+        return f"{name} claims far too many pixels (a decompression bomb?); {limit}"
+    width, height = size
+    return (
+        f"{name} claims {width}×{height} pixels ({width * height / 1e6:,.0f} megapixels); "
+        f"{limit}"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

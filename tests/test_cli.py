@@ -1,0 +1,125 @@
+"""The CLI as a user types it: verbs, run folders, one red line and exit 2 on bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from toolkit.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_models_lists_names_and_reference_parameter_counts():
+    result = invoke("models")
+    assert result.exit_code == 0
+    for name in ("mlp", "net", "net2", "resnet10", "lenet5"):
+        assert name in result.output
+    assert "18,354" in result.output and "159,594" in result.output
+
+
+def test_train_writes_a_run_folder_with_the_resolved_options(cifar_folder, tmp_path):
+    run = tmp_path / "run"
+    result = invoke(
+        "train",
+        "net",
+        "--data-dir",
+        cifar_folder,
+        "--data-root",
+        tmp_path,
+        "--epochs",
+        2,
+        "--batch-size",
+        32,
+        "--width",
+        32,
+        "--dropout",
+        0.3,
+        "--l2",
+        0.001,
+        "--device",
+        "cpu",
+        "--run-dir",
+        run,
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_options"] == {"width": 32, "dropout": 0.3}
+    assert (config["l2"], config["epochs"], config["batch_size"]) == (0.001, 2, 32)
+    assert config["recipe"] == "default" and config["augment"] is True
+    assert (run / "best.pt").is_file() and "best val acc" in result.output
+
+
+def test_seed_recipe_through_the_cli(cifar_folder, tmp_path):
+    run = tmp_path / "seed"
+    result = invoke(
+        "train",
+        "lenet5",
+        "--recipe",
+        "seed",
+        "--batch-norm",
+        "--l2",
+        0.01,
+        "--epochs",
+        1,
+        "--data-dir",
+        cifar_folder,
+        "--data-root",
+        tmp_path,
+        "--device",
+        "cpu",
+        "--run-dir",
+        run,
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert (config["optimizer"], config["lr"], config["batch_size"]) == ("adam", 0.001, 128)
+    assert (config["l2"], config["schedule"], config["augment"]) == (0.01, "step", False)
+    assert config["model_options"] == {"batch_norm": True}
+
+
+def test_resume_through_the_cli(cifar_folder, tmp_path):
+    run = tmp_path / "run"
+    invoke(
+        "train",
+        "net",
+        "--data-dir",
+        cifar_folder,
+        "--data-root",
+        tmp_path,
+        "--epochs",
+        1,
+        "--device",
+        "cpu",
+        "--run-dir",
+        run,
+    )
+    result = invoke("train", "--resume", run)
+    # all epochs already done: resume finishes at once and keeps the run intact
+    assert result.exit_code == 0, result.output
+    assert (run / "last.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "resnet50"], "unknown model 'resnet50'; choose one of: mlp, net"),
+        (["train", "net", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["train", "net", "--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'"),
+        (["train", "lenet5", "--width", "8"], "does not support --width"),
+        (["train", "net", "--data-dir", "/nonexistent/data"], "does not exist"),
+        (["train", "--resume", "/nonexistent/run"], "not found"),
+        (["evaluate", "/nonexistent/run"], "does not exist"),
+        (["train"], "name a model"),
+    ],
+)
+def test_bad_input_is_one_red_line_and_exit_2(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

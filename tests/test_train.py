@@ -1,0 +1,191 @@
+"""Training: the run folder, exact resume, recipes, augmentation, divergence."""
+
+import json
+
+import pytest
+import torch
+
+from toolkit import recipes
+from toolkit.data import DataOptions, Split, load_data
+from toolkit.engine import Normalizer, random_crop_flip
+from toolkit.errors import ToolkitError
+from toolkit.runs import build_net, load_checkpoint
+from toolkit.train import TrainConfig, fit, lr_factor, read_metrics
+
+
+def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
+    values = dict(
+        model="net",
+        data=DataOptions(data_dir=str(folder), data_root=str(tmp_path)),
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        device="cpu",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_run_folder_has_everything(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.json", "metrics.csv", "train.log", "best.pt", "last.pt", "tensorboard"} <= names
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["model"] == "net" and config["num_params"] == 18_354
+    assert config["dataset_info"]["classes"][0] == "airplane"
+    assert config["sizes"] == {"train": 270, "val": 30, "test": 100}
+    rows = read_metrics(trained_run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["val_acc"] > 0.5  # the synthetic classes are easy: far above 10 %
+    assert any((trained_run / "tensorboard").iterdir())
+    assert "epoch 4" in (trained_run / "train.log").read_text()
+
+
+def test_checkpoint_rebuilds_the_model_with_weights_only(trained_run):
+    raw = torch.load(trained_run / "best.pt", weights_only=True)  # no pickle code execution
+    ckpt = load_checkpoint(trained_run / "best.pt")
+    assert raw["epoch"] == ckpt["best_epoch"]
+    net = build_net(ckpt)
+    bundle = load_data(DataOptions(**json.loads((trained_run / "config.json").read_text())["data"]))
+    normalize = Normalizer(ckpt["dataset"]["mean"], ckpt["dataset"]["std"], torch.device("cpu"))
+    with torch.no_grad():
+        acc = (net(normalize(bundle.val.images)).argmax(1) == bundle.val.labels).float().mean()
+    assert acc.item() == pytest.approx(ckpt["best_val_acc"])
+
+
+def test_resume_is_exact(cifar_folder, tmp_path):
+    """2 epochs in one go == 1 epoch, stop, resume for the second (CPU, deterministic)."""
+    config = tiny_config(
+        cifar_folder, tmp_path, epochs=2, augment=True, model_options={"dropout": 0.2}
+    )
+    straight = fit(config, run_dir=tmp_path / "straight").run_dir
+
+    import toolkit.train as train_module
+
+    calls = {"n": 0}
+    real_epoch = train_module.train_one_epoch
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    train_module.train_one_epoch = interrupt_second_epoch
+    try:
+        first = fit(config, run_dir=tmp_path / "resumed")
+    finally:
+        train_module.train_one_epoch = real_epoch
+    assert first.interrupted and first.epochs_done == 1
+    resumed = fit(TrainConfig(model="net"), resume=tmp_path / "resumed")
+    assert resumed.epochs_done == 2
+
+    a = load_checkpoint(straight / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    for key, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][key]), key
+    assert (
+        read_metrics(straight)[1]["train_loss"]
+        == read_metrics(tmp_path / "resumed")[1]["train_loss"]
+    )
+
+
+def test_best_checkpoint_is_the_best_val_epoch(trained_run):
+    rows = read_metrics(trained_run)
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert load_checkpoint(trained_run / "best.pt")["epoch"] == best["epoch"]
+
+
+def test_divergence_names_the_epoch_and_last_good_checkpoint(cifar_folder, tmp_path):
+    config = tiny_config(cifar_folder, tmp_path, lr=1e6, schedule="none", epochs=3)
+    with pytest.raises(ToolkitError, match=r"diverged in epoch \d.*last.pt"):
+        fit(config, run_dir=tmp_path / "run")
+
+
+def test_seed_recipe_is_the_reference():
+    net = recipes.resolve("seed", "net", {})
+    assert (net["optimizer"], net["lr"], net["batch_size"], net["epochs"]) == ("sgd", 1e-2, 64, 300)
+    assert not net["augment"] and net["momentum"] == 0 and net["schedule"] == "none"
+    assert recipes.resolve("seed", "resnet10", {})["lr"] == 3e-3
+    lenet = recipes.resolve("seed", "lenet5", {"l2": 0.01})
+    assert (lenet["optimizer"], lenet["lr"], lenet["batch_size"], lenet["epochs"]) == (
+        "adam",
+        1e-3,
+        128,
+        100,
+    )
+    assert (lenet["schedule"], lenet["step_size"], lenet["gamma"], lenet["l2"]) == (
+        "step",
+        20,
+        0.5,
+        0.01,
+    )
+
+
+def test_explicit_flags_override_the_recipe_and_bad_values_are_refused():
+    assert recipes.resolve("default", "net", {"epochs": 3, "lr": None})["epochs"] == 3
+    with pytest.raises(ToolkitError, match="onecycle"):
+        recipes.resolve("default", "net", {"schedule": "exponential"})
+    with pytest.raises(ToolkitError, match="seed"):
+        recipes.resolve("fast", "net", {})
+
+
+def test_step_schedule_halves_every_step_size_epochs():
+    config = TrainConfig(model="lenet5", schedule="step", step_size=20, gamma=0.5, epochs=100)
+    factor = lr_factor(config, steps_per_epoch=10)
+    assert [factor(e * 10) for e in (0, 19, 20, 40, 99)] == [1, 1, 0.5, 0.25, 0.5**4]
+
+
+def test_onecycle_warms_up_then_anneals_to_zero():
+    config = TrainConfig(model="net", schedule="onecycle", epochs=4)
+    factor = lr_factor(config, steps_per_epoch=25)
+    values = [factor(s) for s in range(100)]
+    assert values.index(max(values)) == 25 and max(values) == 1.0
+    assert values[0] < 0.1 and values[-1] < 0.02
+
+
+def test_batch_augmentation_crops_and_flips_but_keeps_content():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    out = random_crop_flip(images, generator)
+    assert out.shape == images.shape
+    # every output row is a (possibly flipped) window of the reflect-padded input row
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
+    for n in range(2):
+        for row in out[n, 0]:
+            windows = padded[n, 0].unfold(1, 8, 1).reshape(-1, 8)
+            assert any(torch.equal(row, w) or torch.equal(row.flip(0), w) for w in windows)
+    # over many draws both flips and several offsets happen
+    flips, shifts = set(), set()
+    for _ in range(40):
+        one = random_crop_flip(images[:1], generator)[0, 0]
+        flips.add(bool(one[0, 0] > one[0, -1]))
+        shifts.add(float(one.mean()))
+    assert flips == {True, False} and len(shifts) > 5
+
+
+def test_data_path_without_augmentation_is_the_plain_tensor_pipeline():
+    """In-memory batches equal the per-image ToTensor + Normalize pipeline."""
+    from torchvision.transforms import functional as TF
+
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    ours = Normalizer(mean, std, torch.device("cpu"))(images)
+    reference = torch.stack(
+        [TF.normalize(TF.to_tensor(img.permute(1, 2, 0).numpy()), mean, std) for img in images]
+    )
+    assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_training_labels_are_untouched_by_augmentation(cifar_folder, tmp_path):
+    bundle = load_data(DataOptions(data_dir=str(cifar_folder), data_root=str(tmp_path)))
+    split = Split(bundle.train.images.clone(), bundle.train.labels.clone())
+    fit(tiny_config(cifar_folder, tmp_path, epochs=1), run_dir=tmp_path / "r", data=bundle)
+    assert torch.equal(split.labels, bundle.train.labels)
+    assert torch.equal(split.images, bundle.train.images)
+
+
+def test_unwritable_run_folder_fails_before_training(cifar_folder, tmp_path):
+    target = tmp_path / "file-not-folder"
+    target.write_text("x")
+    with pytest.raises(ToolkitError, match="cannot write to run folder"):
+        fit(tiny_config(cifar_folder, tmp_path), run_dir=target / "run")

@@ -1,0 +1,362 @@
+"""Latency, throughput, size, parameters and MACs of exported models (and their torch source).
+
+Every number is measured the same way for every runtime: warm-up calls first (excluded), then
+timed calls until both a minimum count and a small time budget are reached; p50/p95 come from
+those calls and throughput from their mean. Thread counts are pinned and recorded, because a
+latency without its thread count cannot be compared with anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from toolkit.errors import ToolkitError
+from toolkit.onnx_export import INPUT_NAME, load_onnx, read_metadata
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 64)
+CPU = "onnxruntime CPU"
+CUDA = "onnxruntime CUDA"
+TORCH = "torch eager CPU"
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long to measure: `warmup` untimed calls, then at least `min_runs` timed calls and
+    more until `budget_s` seconds have passed (at most `max_runs`)."""
+
+    warmup: int = 3
+    min_runs: int = 10
+    max_runs: int = 300
+    budget_s: float = 0.25
+
+
+DEFAULT_TIMING = Timing()
+
+
+def time_calls(fn: Callable[[], Any], timing: Timing) -> list[float]:
+    """Milliseconds per call of `fn`, warm-up calls excluded."""
+    for _ in range(timing.warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < timing.max_runs and (
+        len(times) < timing.min_runs or time.perf_counter() - start < timing.budget_s
+    ):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def latency_row(times_ms: list[float], batch: int, runtime: str, threads: int) -> dict:
+    """p50/p95 latency and throughput of one (runtime, batch) measurement."""
+    mean_ms = float(np.mean(times_ms))
+    return {
+        "runtime": runtime,
+        "batch": batch,
+        "p50_ms": float(np.percentile(times_ms, 50)),
+        "p95_ms": float(np.percentile(times_ms, 95)),
+        "img_per_s": batch * 1000.0 / mean_ms,
+        "threads": threads,
+        "runs": len(times_ms),
+    }
+
+
+# --- the machine -----------------------------------------------------------------------------
+
+
+def cpu_info() -> dict:
+    """CPU model, core count and the SIMD flags that decide whether INT8 pays off (VNNI)."""
+    info: dict[str, Any] = {"model": "unknown", "logical_cores": os.cpu_count() or 1}
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and info["model"] == "unknown":
+                info["model"] = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux: flags unknown rather than guessed
+        log.info("no /proc/cpuinfo; CPU flags not recorded")
+    info.update({flag: flag in flags for flag in CPU_FLAGS})
+    info["vnni"] = info["avx512_vnni"] or info["avx_vnni"]
+    return info
+
+
+def default_threads() -> int:
+    """The thread count both torch and onnxruntime get (torch's, which honours OMP_NUM_THREADS)."""
+    return torch.get_num_threads()
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_provider_usable() -> bool:
+    """True when onnxruntime can really place a graph on a GPU, not just list the provider.
+
+    onnxruntime-gpu lists CUDAExecutionProvider on machines without a GPU and silently falls
+    back to the CPU, so a listed provider proves nothing: build a one-node session and look.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if not torch.cuda.is_available():  # cheap, and spares the CUDA loader's error spam
+        return False
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node], "probe", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)],
+                                   ir_version=8)
+    try:
+        session = make_session(probe.SerializeToString(), CUDA, threads=1)
+    except ToolkitError:
+        return False
+    return session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def runtimes() -> list[str]:
+    """onnxruntime providers to measure here: always the CPU, the GPU when one is usable."""
+    return [CPU, CUDA] if cuda_provider_usable() else [CPU]
+
+
+def make_session(model: bytes | str | Path, runtime: str, threads: int) -> ort.InferenceSession:
+    """An onnxruntime session on `runtime` with `threads` intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: provider fallbacks are checked, not logged
+    providers = ["CPUExecutionProvider"]
+    if runtime == CUDA:
+        providers.insert(0, "CUDAExecutionProvider")
+    source = str(model) if isinstance(model, Path) else model
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
+    except Exception as exc:  # unsupported opset or IR version, op without a kernel...
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ToolkitError(f"onnxruntime {ort.__version__} cannot load the model on "
+                           f"{runtime}: {text[:300]}") from exc
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def measure_onnx(session: ort.InferenceSession, input_shape: tuple[int, ...], runtime: str,
+                 threads: int, timing: Timing, batches: Iterable[int] = BATCH_SIZES) -> list[dict]:
+    """Latency rows of an onnxruntime session at each batch size (random inputs in [0, 1])."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in batches:
+        feed = {INPUT_NAME: rng.random((batch, *input_shape), dtype=np.float32)}
+        times = time_calls(lambda feed=feed: session.run(None, feed), timing)
+        rows.append(latency_row(times, batch, runtime, threads))
+    return rows
+
+
+def measure_torch(module: torch.nn.Module, input_shape: tuple[int, ...], threads: int,
+                  timing: Timing, batches: Iterable[int] = BATCH_SIZES) -> list[dict]:
+    """Latency rows of a torch module in eager mode on the CPU, no autograd."""
+    module = module.eval()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                x = torch.rand((batch, *input_shape), generator=generator)
+                times = time_calls(lambda x=x: module(x), timing)
+                rows.append(latency_row(times, batch, TORCH, threads))
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
+# --- what a graph costs ----------------------------------------------------------------------
+
+
+def input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
+    """The per-image input shape (C, H, W) of the graph input `image`."""
+    for value in model.graph.input:
+        if value.name == INPUT_NAME:
+            dims = value.type.tensor_type.shape.dim[1:]
+            if dims and all(d.HasField("dim_value") for d in dims):
+                return tuple(int(d.dim_value) for d in dims)
+    raise ToolkitError(f"the model has no fixed-size input '{INPUT_NAME}'; "
+                       "was it exported by `toolkit export`?")
+
+
+def count_macs(model: onnx.ModelProto) -> int:
+    """Multiply-accumulates per image of the Conv, Gemm and MatMul nodes.
+
+    Shapes come from onnx shape inference with the batch fixed to 1, so the count works on any
+    exported file (fp32, fp16, QDQ int8) without the torch model.
+    """
+    shapes = _inferred_shapes(_batch_of_one(model))
+    macs = 0
+    for node in model.graph.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        if node.op_type == "Conv" and out and node.input[1] in shapes:
+            macs += math.prod(out) * math.prod(shapes[node.input[1]][1:])
+        elif node.op_type == "Gemm" and out and node.input[0] in shapes:
+            trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+            a_shape = shapes[node.input[0]]
+            macs += math.prod(out) * (a_shape[0] if trans_a else a_shape[-1])
+        elif node.op_type == "MatMul" and out and node.input[0] in shapes:
+            macs += math.prod(out) * shapes[node.input[0]][-1]
+    return int(macs)
+
+
+def _batch_of_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for value in (*fixed.graph.input, *fixed.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    return fixed
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {init.name: list(init.dims) for init in inferred.graph.initializer}
+    graph = inferred.graph
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [int(d.dim_value) for d in dims]
+    return shapes
+
+
+def count_initializer_params(model: onnx.ModelProto) -> int:
+    """Elements of non-scalar float/int8 initializers: parameters of a file without metadata."""
+    skip = {onnx.TensorProto.INT64}  # shape constants, not weights
+    return sum(math.prod(i.dims) for i in model.graph.initializer
+               if i.dims and i.data_type not in skip)
+
+
+def precision(model: onnx.ModelProto) -> str:
+    """fp32, fp16 or int8 (QDQ), from the graph itself."""
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        return "int8"
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+# --- toolkit bench ---------------------------------------------------------------------------
+
+
+def expand_paths(paths: Iterable[Path]) -> list[Path]:
+    """Files as given; a folder stands for the .onnx files directly inside it."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.onnx"))
+            if not found:
+                raise ToolkitError(f"no .onnx files in '{path}'; export one with `toolkit export`")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ToolkitError(f"'{path}' does not exist; pass model.onnx files or export folders")
+    return files
+
+
+def describe(path: Path, model: onnx.ModelProto) -> dict:
+    """The static columns of a bench row: name, precision, size, parameters, MACs, accuracy."""
+    meta = read_metadata(model)
+    return {
+        "model": meta.get("model", path.stem),
+        "file": str(path),
+        "format": f"onnx {precision(model)}",
+        "size_mb": path.stat().st_size / 1e6,
+        "params": int(meta.get("num_params", count_initializer_params(model))),
+        "macs": count_macs(model),
+        "accuracy": meta.get("test_accuracy"),
+    }
+
+
+def bench_file(path: Path, timing: Timing | None = None, threads: int | None = None) -> list[dict]:
+    """Rows for one ONNX file: every usable runtime × batch size."""
+    model = load_onnx(path)
+    static = describe(path, model)
+    shape = input_shape(model)
+    threads = threads or default_threads()
+    rows = []
+    for runtime in runtimes():
+        if static["format"] == "onnx fp16" and runtime == CPU:
+            continue  # fp16 graphs are for the GPU; the CPU provider lacks most fp16 kernels
+        session = make_session(path, runtime, threads)
+        for row in measure_onnx(session, shape, runtime, threads, timing or DEFAULT_TIMING):
+            rows.append({**static, **row})
+    if not rows:
+        log.warning("%s: an fp16 model needs onnxruntime's CUDA provider; none here", path)
+    return rows
+
+
+def bench_models(paths: list[Path], timing: Timing | None = None) -> list[dict]:
+    """`toolkit bench`: latency/throughput rows for a set of exported models."""
+    rows: list[dict] = []
+    for path in expand_paths(paths):
+        log.info("benchmarking %s", path)
+        rows += bench_file(path, timing)
+    return rows
+
+
+def bench_table(rows: list[dict], title: str) -> Table:
+    """The Ultralytics-style table: one line per (model, format, runtime, batch)."""
+    table = Table(title=title)
+    columns = [("model", "model"), ("format", "format"), ("runtime", "runtime"),
+               ("size_mb", "size (MB)"), ("params", "params"), ("macs", "MACs/img"),
+               ("accuracy", "accuracy"), ("batch", "batch"), ("p50_ms", "p50 (ms)"),
+               ("p95_ms", "p95 (ms)"), ("img_per_s", "img/s"), ("threads", "threads")]
+    for key, header in columns:
+        table.add_column(header, justify="left" if key in ("model", "format", "runtime")
+                         else "right")
+    for row in rows:
+        table.add_row(*[_cell(key, row.get(key)) for key, _ in columns])
+    return table
+
+
+def print_bench(rows: list[dict], console: Console) -> None:
+    """Print bench_models' rows as a table (and say so when there is nothing to show)."""
+    if not rows:
+        console.print("nothing could be measured on this machine")
+        return
+    console.print(bench_table(rows, "benchmark"))
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "size_mb":
+        return f"{value:.3f}"
+    if key == "macs":
+        return f"{value / 1e6:,.2f} M"
+    if key == "accuracy":
+        return f"{value:.4f}"
+    if key in ("p50_ms", "p95_ms"):
+        return f"{value:.3f}"
+    if key == "img_per_s":
+        return f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
