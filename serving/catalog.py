@@ -42,7 +42,7 @@ class Failure:
 
     @property
     def caption(self) -> str:
-        return f"#{self.index}: {self.true} → predicted {self.predicted} ({self.confidence:.0%})"
+        return f"{self.true} → {self.predicted} ({self.confidence:.0%})"
 
 
 @dataclass
@@ -77,8 +77,7 @@ class ServedModel:
         """How the model picker lists it: dataset, model, test accuracy, size."""
         accuracy = "n/a" if self.test_accuracy is None else f"{self.test_accuracy:.1%}"
         return (
-            f"{self.dataset} · {self.model} · test acc {accuracy} · "
-            f"{self.size_bytes / 1e6:.2f} MB"
+            f"{self.dataset} · {self.model} · test acc {accuracy} · {self.size_bytes / 1e6:.2f} MB"
         )
 
 

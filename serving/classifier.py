@@ -84,6 +84,7 @@ class OnnxClassifier:
         self.input_size: tuple[int, int] = (int(height), int(width))
         self.input_name, self.batch_limit = self._check_input()
         self.output_name = self._pick_output()
+        self._check_runs()
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -114,7 +115,9 @@ class OnnxClassifier:
         if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
             raise ArtifactError(f"'{self.path}': metadata 'classes' is not a list of names")
         size = meta["input_size"]
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)):
+        if not (
+            isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)
+        ):
             raise ArtifactError(f"'{self.path}': metadata 'input_size' is not [height, width]")
         rules = meta["preprocessing"]
         if not isinstance(rules, dict) or any(
@@ -138,6 +141,20 @@ class OnnxClassifier:
             )
         batch = shape[0] if isinstance(shape[0], int) else None
         return inputs[0].name, batch
+
+    def _check_runs(self) -> None:
+        """One blank image through the graph: fails at startup, not on a user's first request,
+        and warms the session so that first request is not slower than the rest."""
+        height, width = self.input_size
+        try:
+            out = self._run(np.zeros((1, 3, height, width), dtype=np.float32))
+        except Exception as exc:  # an operator failing at run time, a wrong output shape...
+            raise ArtifactError(f"'{self.path}' fails on a blank image ({exc})") from exc
+        if out.shape != (1, len(self.classes)):
+            raise ArtifactError(
+                f"'{self.path}' outputs shape {list(out.shape)} for one image but its metadata "
+                f"lists {len(self.classes)} classes"
+            )
 
     def _pick_output(self) -> str:
         names = [o.name for o in self.session.get_outputs()]
@@ -171,9 +188,7 @@ class OnnxClassifier:
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """N×3×H×W float32 in [0, 1] -> N×classes probabilities, in chunks the model accepts."""
         step = self.batch_limit or BATCH_SIZE
-        chunks = [
-            self._run(batch[start : start + step]) for start in range(0, len(batch), step)
-        ]
+        chunks = [self._run(batch[start : start + step]) for start in range(0, len(batch), step)]
         if not chunks:
             return np.empty((0, len(self.classes)), dtype=np.float32)
         return np.concatenate(chunks)

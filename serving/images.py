@@ -12,6 +12,7 @@ tiny and decompression-bomb files with an `ImageError` whose message says what w
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 RESIZE_FILTER = Image.Resampling.BILINEAR
 
-# Decoders we trust with a stranger's bytes (the formats toolkit reads for training). Pillow
-# can open more (EPS even shells out to Ghostscript), which a public upload box must not.
-UPLOAD_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# Decoders we trust with a stranger's bytes: the formats toolkit reads for training (JPEG
+# covers multi-picture phone JPEGs too). Pillow can open more (EPS even shells out to
+# Ghostscript), which a public upload box must not.
+UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 FORMAT_NAMES = "PNG, JPEG, GIF, BMP, TIFF, WebP or PPM"
 
 # A 50-megapixel phone photo still fits; a header claiming more is refused before decoding.
@@ -92,8 +94,10 @@ def open_upload(source: str | Path | bytes, name: str = "the upload") -> Image.I
             image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except UnidentifiedImageError:
         raise ImageError(f"{name} is not a {FORMAT_NAMES} image") from None
-    except Image.DecompressionBombError:
-        raise ImageError(_too_large(name, None)) from None
+    except Image.DecompressionBombError as exc:
+        # Pillow's own hard limit (twice ours) fired while reading the header.
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageError(_too_large(name, int(claimed.group(1)) if claimed else None)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name} is a damaged image ({_first_line(exc)})") from None
     _check_dimensions(image, name)
@@ -104,7 +108,7 @@ def _check_dimensions(image: Image.Image, name: str) -> None:
     """Refuse by header alone: a bomb must be stopped before its pixels are allocated."""
     width, height = image.size
     if width * height > MAX_PIXELS:
-        raise ImageError(_too_large(name, (width, height)))
+        raise ImageError(_too_large(name, width * height, f"{width}×{height} pixels, "))
     if min(width, height) < MIN_SIDE:
         raise ImageError(
             f"{name} is only {width}×{height} pixels; a picture needs at least "
@@ -125,14 +129,11 @@ def _decode_first_frame(image: Image.Image, name: str) -> Image.Image:
     return image
 
 
-def _too_large(name: str, size: tuple[int, int] | None) -> str:
-    limit = f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels"
-    if size is None:
-        return f"{name} claims far too many pixels (a decompression bomb?); {limit}"
-    width, height = size
+def _too_large(name: str, pixels: int | None, dims: str = "") -> str:
+    claimed = "far too many pixels" if pixels is None else f"{dims}{pixels / 1e6:,.0f} megapixels"
     return (
-        f"{name} claims {width}×{height} pixels ({width * height / 1e6:,.0f} megapixels); "
-        f"{limit}"
+        f"{name} claims {claimed} (a decompression bomb?); the limit is "
+        f"{MAX_PIXELS / 1e6:.0f} megapixels"
     )
 
 

@@ -266,6 +266,8 @@ def test_bad_inputs_raise_toolkit_errors(trained_run, tmp_path):
         evaluate_run(run, device="cpu", data=dataclasses.replace(data, test=None))
     with pytest.raises(ToolkitError, match="not the data"):
         evaluate_run(run, device="cpu", data=dataclasses.replace(data, fingerprint="0" * 40))
+    with pytest.raises(ToolkitError, match="image size differ"):
+        evaluate_run(run, device="cpu", data=dataclasses.replace(data, image_size=64))
     with pytest.raises(ToolkitError, match="does not exist"):
         evaluate_run(tmp_path / "nowhere", device="cpu")
     (run / "best.pt").unlink()
@@ -301,7 +303,8 @@ def test_compare_rows_and_files(evaluated, trained_run, tmp_path):
 
     md = (out / "comparison.md").read_text().splitlines()
     assert len(md) == 2 + 2 and md[0].startswith("| run | model |")
-    assert f"{summary['accuracy']:.4f}" in md[2]
+    assert md[2].endswith(f"| {summary['accuracy']:.2%} |") and md[3].endswith("| — |")
+    assert md[2].count("|") == md[1].count("|") == 11  # 10 columns, none split by a stray |
     with open(out / "comparison.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [int(r["params"]) for r in table] == [18_354, 18_354]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -26,14 +25,22 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit.errors import ToolkitError
-from toolkit.onnx_export import INPUT_NAME, load_onnx, read_metadata
+from toolkit.onnx_export import (
+    INPUT_NAME,
+    count_initializer_params,
+    count_macs,
+    input_shape,
+    load_onnx,
+    precision,
+    read_metadata,
+)
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 64)
-CPU = "onnxruntime CPU"
-CUDA = "onnxruntime CUDA"
-TORCH = "torch eager CPU"
+CPU = "ORT CPU"  # onnxruntime's CPU execution provider
+CUDA = "ORT CUDA"
+TORCH = "torch CPU"  # eager mode
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -119,16 +126,19 @@ def cuda_provider_usable() -> bool:
         return False
     node = onnx.helper.make_node("Relu", ["x"], ["y"])
     graph = onnx.helper.make_graph(
-        [node], "probe", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [node],
+        "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
     )
-    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)],
-                                   ir_version=8)
+    probe = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8
+    )
     try:
-        session = make_session(probe.SerializeToString(), CUDA, threads=1)
+        make_session(probe.SerializeToString(), CUDA, threads=1)
     except ToolkitError:
         return False
-    return session.get_providers()[0] == "CUDAExecutionProvider"
+    return True
 
 
 def runtimes() -> list[str]:
@@ -147,18 +157,29 @@ def make_session(model: bytes | str | Path, runtime: str, threads: int) -> ort.I
         providers.insert(0, "CUDAExecutionProvider")
     source = str(model) if isinstance(model, Path) else model
     try:
-        return ort.InferenceSession(source, options, providers=providers)
+        session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # unsupported opset or IR version, op without a kernel...
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ToolkitError(f"onnxruntime {ort.__version__} cannot load the model on "
-                           f"{runtime}: {text[:300]}") from exc
+        raise ToolkitError(
+            f"onnxruntime {ort.__version__} cannot load the model on {runtime}: {text[:300]}"
+        ) from exc
+    if session.get_providers()[0] != providers[0]:
+        # onnxruntime falls back to the CPU silently; a row labelled CUDA must be CUDA.
+        raise ToolkitError(f"onnxruntime could not place the model on {runtime}")
+    return session
 
 
 # --- measuring -------------------------------------------------------------------------------
 
 
-def measure_onnx(session: ort.InferenceSession, input_shape: tuple[int, ...], runtime: str,
-                 threads: int, timing: Timing, batches: Iterable[int] = BATCH_SIZES) -> list[dict]:
+def measure_onnx(
+    session: ort.InferenceSession,
+    input_shape: tuple[int, ...],
+    runtime: str,
+    threads: int,
+    timing: Timing,
+    batches: Iterable[int] = BATCH_SIZES,
+) -> list[dict]:
     """Latency rows of an onnxruntime session at each batch size (random inputs in [0, 1])."""
     rng = np.random.default_rng(0)
     rows = []
@@ -169,8 +190,13 @@ def measure_onnx(session: ort.InferenceSession, input_shape: tuple[int, ...], ru
     return rows
 
 
-def measure_torch(module: torch.nn.Module, input_shape: tuple[int, ...], threads: int,
-                  timing: Timing, batches: Iterable[int] = BATCH_SIZES) -> list[dict]:
+def measure_torch(
+    module: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    threads: int,
+    timing: Timing,
+    batches: Iterable[int] = BATCH_SIZES,
+) -> list[dict]:
     """Latency rows of a torch module in eager mode on the CPU, no autograd."""
     module = module.eval()
     previous = torch.get_num_threads()
@@ -186,79 +212,6 @@ def measure_torch(module: torch.nn.Module, input_shape: tuple[int, ...], threads
     finally:
         torch.set_num_threads(previous)
     return rows
-
-
-# --- what a graph costs ----------------------------------------------------------------------
-
-
-def input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
-    """The per-image input shape (C, H, W) of the graph input `image`."""
-    for value in model.graph.input:
-        if value.name == INPUT_NAME:
-            dims = value.type.tensor_type.shape.dim[1:]
-            if dims and all(d.HasField("dim_value") for d in dims):
-                return tuple(int(d.dim_value) for d in dims)
-    raise ToolkitError(f"the model has no fixed-size input '{INPUT_NAME}'; "
-                       "was it exported by `toolkit export`?")
-
-
-def count_macs(model: onnx.ModelProto) -> int:
-    """Multiply-accumulates per image of the Conv, Gemm and MatMul nodes.
-
-    Shapes come from onnx shape inference with the batch fixed to 1, so the count works on any
-    exported file (fp32, fp16, QDQ int8) without the torch model.
-    """
-    shapes = _inferred_shapes(_batch_of_one(model))
-    macs = 0
-    for node in model.graph.node:
-        out = shapes.get(node.output[0]) if node.output else None
-        if node.op_type == "Conv" and out and node.input[1] in shapes:
-            macs += math.prod(out) * math.prod(shapes[node.input[1]][1:])
-        elif node.op_type == "Gemm" and out and node.input[0] in shapes:
-            trans_a = any(a.name == "transA" and a.i for a in node.attribute)
-            a_shape = shapes[node.input[0]]
-            macs += math.prod(out) * (a_shape[0] if trans_a else a_shape[-1])
-        elif node.op_type == "MatMul" and out and node.input[0] in shapes:
-            macs += math.prod(out) * shapes[node.input[0]][-1]
-    return int(macs)
-
-
-def _batch_of_one(model: onnx.ModelProto) -> onnx.ModelProto:
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    del fixed.graph.value_info[:]
-    for value in (*fixed.graph.input, *fixed.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = 1
-    return fixed
-
-
-def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {init.name: list(init.dims) for init in inferred.graph.initializer}
-    graph = inferred.graph
-    for value in (*graph.input, *graph.value_info, *graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [int(d.dim_value) for d in dims]
-    return shapes
-
-
-def count_initializer_params(model: onnx.ModelProto) -> int:
-    """Elements of non-scalar float/int8 initializers: parameters of a file without metadata."""
-    skip = {onnx.TensorProto.INT64}  # shape constants, not weights
-    return sum(math.prod(i.dims) for i in model.graph.initializer
-               if i.dims and i.data_type not in skip)
-
-
-def precision(model: onnx.ModelProto) -> str:
-    """fp32, fp16 or int8 (QDQ), from the graph itself."""
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
-        return "int8"
-    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
-        return "fp16"
-    return "fp32"
 
 
 # --- toolkit bench ---------------------------------------------------------------------------
@@ -302,13 +255,9 @@ def bench_file(path: Path, timing: Timing | None = None, threads: int | None = N
     threads = threads or default_threads()
     rows = []
     for runtime in runtimes():
-        if static["format"] == "onnx fp16" and runtime == CPU:
-            continue  # fp16 graphs are for the GPU; the CPU provider lacks most fp16 kernels
         session = make_session(path, runtime, threads)
         for row in measure_onnx(session, shape, runtime, threads, timing or DEFAULT_TIMING):
             rows.append({**static, **row})
-    if not rows:
-        log.warning("%s: an fp16 model needs onnxruntime's CUDA provider; none here", path)
     return rows
 
 
@@ -321,27 +270,48 @@ def bench_models(paths: list[Path], timing: Timing | None = None) -> list[dict]:
     return rows
 
 
-def bench_table(rows: list[dict], title: str) -> Table:
-    """The Ultralytics-style table: one line per (model, format, runtime, batch)."""
+MODEL_COLUMNS = (
+    ("model", "model"),
+    ("format", "format"),
+    ("size_mb", "size (MB)"),
+    ("params", "params"),
+    ("macs", "MACs/img"),
+    ("accuracy", "test acc"),
+    ("file", "file"),
+)
+LATENCY_COLUMNS = (
+    ("model", "model"),
+    ("format", "format"),
+    ("runtime", "runtime"),
+    ("batch", "batch"),
+    ("p50_ms", "p50 (ms)"),
+    ("p95_ms", "p95 (ms)"),
+    ("img_per_s", "img/s"),
+)
+
+
+def bench_table(rows: list[dict], title: str, columns: tuple[tuple[str, str], ...]) -> Table:
+    """An Ultralytics-style table of `rows`, one line each, `columns` as (key, header)."""
     table = Table(title=title)
-    columns = [("model", "model"), ("format", "format"), ("runtime", "runtime"),
-               ("size_mb", "size (MB)"), ("params", "params"), ("macs", "MACs/img"),
-               ("accuracy", "accuracy"), ("batch", "batch"), ("p50_ms", "p50 (ms)"),
-               ("p95_ms", "p95 (ms)"), ("img_per_s", "img/s"), ("threads", "threads")]
     for key, header in columns:
-        table.add_column(header, justify="left" if key in ("model", "format", "runtime")
-                         else "right")
+        left = key in ("model", "format", "runtime", "file")
+        table.add_column(header, justify="left" if left else "right")
     for row in rows:
         table.add_row(*[_cell(key, row.get(key)) for key, _ in columns])
     return table
 
 
 def print_bench(rows: list[dict], console: Console) -> None:
-    """Print bench_models' rows as a table (and say so when there is nothing to show)."""
+    """bench_models' rows as two tables: what each model is, then how fast it runs."""
     if not rows:
-        console.print("nothing could be measured on this machine")
+        console.print("no models to show")
         return
-    console.print(bench_table(rows, "benchmark"))
+    files = list({row["file"]: row for row in rows}.values())
+    console.print(bench_table(files, "models", MODEL_COLUMNS))
+    threads = "/".join(map(str, sorted({row["threads"] for row in rows})))
+    console.print(
+        bench_table(rows, f"latency ({threads} threads, {cpu_info()['model']})", LATENCY_COLUMNS)
+    )
 
 
 def _cell(key: str, value: Any) -> str:

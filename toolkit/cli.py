@@ -42,10 +42,13 @@ def friendly_errors(fn):
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log library details.")):
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # Log records go through rich so they print above live progress bars, not through them.
+    from rich import get_console
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=get_console(), show_path=False, show_time=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
+    logging.getLogger("toolkit").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _table(title: str, rows: list[dict], columns: list[str] | None = None) -> Table:
@@ -265,7 +268,9 @@ def export_cmd(
     int8: bool = typer.Option(False, "--int8", help="Also write a static INT8 (QDQ) model."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write an fp16 model (GPU use)."),
     triton: Path = typer.Option(None, help="Also lay out a Triton model repository here."),
-    opset: int = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+    opset: int = typer.Option(
+        None, help="ONNX opset: 13 up to 20 with torch's exporter (default 17)."
+    ),
 ):
     """Export RUN/best.pt to ONNX, verify parity on the test split, measure size and latency."""
     from toolkit.export import export_run, print_report

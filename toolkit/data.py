@@ -32,7 +32,7 @@ from toolkit.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DATA_ENV = "TOOLKIT_DATA"
 
 
@@ -299,7 +299,8 @@ def _split_file_labels(files: dict[str, tuple], num_classes: int) -> dict[str, n
 # --- the cache -------------------------------------------------------------------------------
 
 
-def _listing_fingerprint(files: list[Path]) -> str:
+def _listing_key(files: list[Path]) -> str:
+    """Cheap change detector for the cache: names, sizes, modification times."""
     digest = hashlib.sha1()
     for path in files:
         try:
@@ -307,6 +308,21 @@ def _listing_fingerprint(files: list[Path]) -> str:
         except FileNotFoundError as exc:
             raise ToolkitError(f"image '{path}' listed but missing") from exc
         digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def content_fingerprint(tensors: dict) -> str:
+    """SHA-1 of the decoded pixels and labels of every split: the data's identity.
+
+    Unlike file names or timestamps it survives copying or moving the data, and changes
+    whenever a pixel or a label does.
+    """
+    digest = hashlib.sha1()
+    for split in sorted(k for k in tensors if k in ("train", "val", "test")):
+        images, labels = tensors[split]
+        digest.update(split.encode())
+        digest.update(images.contiguous().numpy().tobytes())
+        digest.update(labels.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -320,6 +336,7 @@ def _load_or_build(cache_file: Path, build) -> dict:
         except Exception as exc:  # a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable cache %s (%s)", cache_file, exc)
     built = build()
+    built["content_sha1"] = content_fingerprint(built)
     train = built["train"][0].float().div_(255)
     built["mean"] = train.mean(dim=(0, 2, 3)).tolist()
     built["std"] = train.std(dim=(0, 2, 3)).tolist()
@@ -367,8 +384,8 @@ def _build_official(spec: DatasetSpec, root: Path, size: int, download: bool):
             "missing; delete the folder to download again"
         ) from exc
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    fingerprint = _listing_fingerprint(files)
-    return fingerprint, lambda: {
+    listing = _listing_key(files)
+    return listing, lambda: {
         split: _as_tensors(resize_array(x, size), y) for split, (x, y) in arrays.items()
     }
 
@@ -382,8 +399,8 @@ def _build_folder(spec: DatasetSpec, root: Path, size: int):
             f"'{root}' has no train/ folder; expected train/<class>/*.png and test/<class>/..."
         )
     listed = {s: list_image_folder(d, spec) for s, d in splits.items()}
-    fingerprint = _listing_fingerprint([p for paths, _ in listed.values() for p in paths])
-    return fingerprint, lambda: {
+    listing = _listing_key([p for paths, _ in listed.values() for p in paths])
+    return listing, lambda: {
         s: _as_tensors(_decode_files(paths, size, f"{s} images"), labels)
         for s, (paths, labels) in listed.items()
     }
@@ -397,8 +414,8 @@ def _build_splits(spec: DatasetSpec, root: Path, size: int):
         raise ToolkitError(f"'{root}' has no train.txt (lines 'relative/path label')")
     parsed = {s: read_split_file(p, spec.num_classes) for s, p in files.items()}
     labels = _split_file_labels(parsed, spec.num_classes)
-    fingerprint = _listing_fingerprint([p for paths, _, _ in parsed.values() for p in paths])
-    return fingerprint, lambda: {
+    listing = _listing_key([p for paths, _, _ in parsed.values() for p in paths])
+    return listing, lambda: {
         s: _as_tensors(_decode_files(paths, size, f"{s} images"), labels[s])
         for s, (paths, _, _) in parsed.items()
     }
@@ -432,16 +449,16 @@ def load_data(options: DataOptions, seed: int = 0) -> DataBundle:
     source, data_root = _source_for(options, spec)
     path = Path(source["path"])
     if source["kind"] == "folder":
-        fingerprint, build = _build_folder(spec, path, size)
+        listing, build = _build_folder(spec, path, size)
     elif source["kind"] == "splits":
         if not path.is_dir():
             raise ToolkitError(f"split folder '{path}' does not exist")
-        fingerprint, build = _build_splits(spec, path, size)
+        listing, build = _build_splits(spec, path, size)
     else:
-        fingerprint, build = _build_official(spec, data_root, size, options.download)
+        listing, build = _build_official(spec, data_root, size, options.download)
 
     key = hashlib.sha1(
-        f"{CACHE_VERSION}|{spec.name}|{source}|{size}|{fingerprint}".encode()
+        f"{CACHE_VERSION}|{spec.name}|{source}|{size}|{listing}".encode()
     ).hexdigest()[:16]
     cache_file = data_root / "cache" / f"{spec.name}-{source['kind']}-{size}px-{key}.pt"
     tensors = _load_or_build(cache_file, build)
@@ -466,6 +483,6 @@ def load_data(options: DataOptions, seed: int = 0) -> DataBundle:
         mean=tuple(tensors["mean"]),
         std=tuple(tensors["std"]),
         source=source,
-        fingerprint=fingerprint,
+        fingerprint=tensors["content_sha1"],
         val_is_carved=carved,
     )

@@ -2,9 +2,9 @@
 
     RUN/best.pt + the run's data (same files, same val carve) --> RUN/eval/ (RUN/eval-val/)
 
-The split is chosen explicitly (test by default, touched only here), the checkpoint is always
-the run's best.pt, and the data must have the fingerprint recorded in it, so a report can
-never describe a different model or different images than it claims to.
+The split is named explicitly (test by default), the checkpoint is always the run's best.pt
+(chosen on val during training), and the data must carry the fingerprint recorded in that
+checkpoint, so a report can never describe another model or other images than it claims to.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,31 +40,34 @@ FAILURES_PER_CLASS = 2
 
 
 def compute_metrics(labels: torch.Tensor, logits: torch.Tensor, classes) -> dict:
-    """Accuracy, loss, confusion matrix (rows true, cols predicted), per-class rows, report.
+    """Accuracy, loss, confusion matrix (rows true, columns predicted), per-class rows and the
+    sklearn classification report (dict and text) for one split's labels and logits.
 
     Per-class accuracy is None for a class with no images in the split (0/0 is not 0 %).
     """
     from sklearn.metrics import classification_report
 
-    classes = list(classes)
-    k = len(classes)
-    labels = labels.long().cpu()
-    logits = logits.float().cpu()
+    classes, k = list(classes), len(classes)
+    labels, logits = labels.long().cpu(), logits.float().cpu()
     if len(labels) == 0:
         raise ToolkitError("cannot evaluate an empty split")
     preds = logits.argmax(1)
     confusion = torch.bincount(labels * k + preds, minlength=k * k).reshape(k, k).numpy()
-    support = confusion.sum(axis=1)
-    correct = np.diag(confusion)
+    support, correct = confusion.sum(axis=1), np.diag(confusion)
     per_class = [
-        dict(class_=name, support=int(n), correct=int(ok), accuracy=float(ok / n) if n else None)
-        for name, n, ok in zip(classes, support, correct, strict=True)
+        {"class": name, "support": int(n), "correct": int(ok), "accuracy": ok / n if n else None}
+        for name, n, ok in zip(classes, support.tolist(), correct.tolist(), strict=True)
     ]
-    per_class = [{("class" if k == "class_" else k): v for k, v in r.items()} for r in per_class]
     # labels=range(k): every class gets a row, even one absent from this split.
-    y = dict(y_true=labels.numpy(), y_pred=preds.numpy(), labels=list(range(k)))
-    report_args = dict(**y, target_names=classes, digits=4, zero_division=0)
-    report = classification_report(**report_args, output_dict=True)
+    args = dict(
+        y_true=labels.numpy(),
+        y_pred=preds.numpy(),
+        labels=list(range(k)),
+        target_names=classes,
+        digits=4,
+        zero_division=0,
+    )
+    report = classification_report(**args, output_dict=True)
     return {
         "n": len(labels),
         "accuracy": float(correct.sum() / len(labels)),
@@ -74,33 +76,28 @@ def compute_metrics(labels: torch.Tensor, logits: torch.Tensor, classes) -> dict
         "confusion": confusion,
         "per_class": per_class,
         "report": report,
-        "report_text": classification_report(**report_args),
+        "report_text": classification_report(**args),
     }
 
 
 def select_failures(
     labels: torch.Tensor, logits: torch.Tensor, k: int = FAILURES_PER_CLASS
 ) -> list[dict]:
-    """For each true class (in class order) its `k` most confident wrong predictions.
+    """For each true class, in class order, its `k` most confident wrong predictions.
 
-    Within a class the entries are sorted by descending confidence (softmax probability of
-    the predicted class); ties keep split order, so the gallery is deterministic.
+    Entries are {"index", "true", "predicted", "confidence"} (class indices; confidence is the
+    softmax probability of the predicted class), sorted by descending confidence within a
+    class; ties keep split order, so the gallery is deterministic.
     """
-    probs = logits.float().softmax(1)
-    confidence, preds = probs.max(1)
+    confidence, preds = logits.float().softmax(1).max(1)
     out = []
     for c in labels.unique(sorted=True).tolist():
         wrong = torch.nonzero((labels == c) & (preds != labels)).flatten()
         order = torch.argsort(confidence[wrong], descending=True, stable=True)
-        for i in wrong[order][:k].tolist():
-            out.append(
-                {
-                    "index": i,
-                    "true": c,
-                    "predicted": int(preds[i]),
-                    "confidence": float(confidence[i]),
-                }
-            )
+        out += [
+            {"index": i, "true": c, "predicted": int(preds[i]), "confidence": float(confidence[i])}
+            for i in wrong[order][:k].tolist()
+        ]
     return out
 
 
@@ -119,9 +116,8 @@ def _load_run(run_dir: Path) -> _Run:
     if not run_dir.is_dir():
         raise ToolkitError(f"run folder '{run_dir}' does not exist")
     config = read_json(run_dir / "config.json")
-    # Never fall back to last.pt: the report must describe the checkpoint chosen on val.
-    ckpt = load_checkpoint(run_dir / "best.pt")
-    return _Run(run_dir, config, ckpt)
+    # Never last.pt: the report must describe the checkpoint that was chosen on val.
+    return _Run(run_dir, config, load_checkpoint(run_dir / "best.pt"))
 
 
 def _run_data(run: _Run, data: DataBundle | None) -> DataBundle:
@@ -131,8 +127,8 @@ def _run_data(run: _Run, data: DataBundle | None) -> DataBundle:
             options = DataOptions(**run.config["data"])
         except (KeyError, TypeError) as exc:
             raise ToolkitError(
-                f"'{run.path / 'config.json'}' has no usable 'data' section "
-                f"({exc}); was it written by `toolkit train`?"
+                f"'{run.path / 'config.json'}' has no usable 'data' section ({exc}); "
+                "was it written by `toolkit train`?"
             ) from exc
         data = load_data(options, seed=run.config.get("seed", 0))
     expected = run.ckpt["dataset"]
@@ -142,25 +138,27 @@ def _run_data(run: _Run, data: DataBundle | None) -> DataBundle:
             f"on (fingerprint {data.fingerprint[:12]} != {expected['fingerprint'][:12]}); "
             "restore the original files (same names, sizes and times) or retrain on these"
         )
-    if list(data.spec.classes) != list(expected["classes"]) or (
-        data.image_size != expected["image_size"]
-    ):
+    if list(data.spec.classes) != expected["classes"] or data.image_size != expected["image_size"]:
         raise ToolkitError(
-            f"the data's classes or image size differ from '{run.path}/best.pt'; "
+            f"the data's classes or image size differ from '{run.path / 'best.pt'}'; "
             "evaluate with the dataset options the run was trained with"
         )
     return data
 
 
-def _pick_split(data: DataBundle, split: str, run_dir: Path) -> Split:
+def _check_split_name(split: str) -> None:
     if split not in SPLITS:
         raise ToolkitError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
+
+
+def _pick_split(data: DataBundle, split: str, run_dir: Path) -> Split:
+    _check_split_name(split)
     if split == "val":
         return data.val
     if data.test is None:
         raise ToolkitError(
             f"the data of '{run_dir}' ({data.source.get('path')}) has no test split; "
-            "evaluate the validation split with --split val, or train on data with a "
+            "evaluate the validation split with --split val, or train on data that has a "
             "test/ folder (or test.txt)"
         )
     return data.test
@@ -172,7 +170,7 @@ def _predict(run: _Run, split: Split, device: str) -> torch.Tensor:
 
     dev = pick_device(device)
     net = build_net(run.ckpt).to(dev)
-    # The checkpoint's mean/std, not the bundle's: the model is defined by what it trained with.
+    # The checkpoint's mean/std, not the bundle's: the model is what it was trained with.
     normalize = Normalizer(run.ckpt["dataset"]["mean"], run.ckpt["dataset"]["std"], dev)
     return predict_logits(net, split.images, normalize, dev)
 
@@ -180,55 +178,37 @@ def _predict(run: _Run, split: Split, device: str) -> torch.Tensor:
 def _write_reports(out: Path, metrics: dict, classes: list[str]) -> None:
     atomic_write_text(out / "classification_report.txt", metrics["report_text"])
     atomic_write_json(out / "classification_report.json", metrics["report"])
-    write_csv_rows(
-        out / "confusion_matrix.csv",
-        ["true \\ predicted", *classes],
-        [[name, *map(int, row)] for name, row in zip(classes, metrics["confusion"], strict=True)],
-    )
-    write_csv_rows(
-        out / "per_class.csv",
-        ["class", "support", "correct", "accuracy"],
-        [
-            [
-                r["class"],
-                r["support"],
-                r["correct"],
-                "" if r["accuracy"] is None else f"{r['accuracy']:.6f}",
-            ]
-            for r in metrics["per_class"]
-        ],
-    )
+    matrix = [
+        [name, *row] for name, row in zip(classes, metrics["confusion"].tolist(), strict=True)
+    ]
+    write_csv_rows(out / "confusion_matrix.csv", ["true \\ predicted", *classes], matrix)
+    columns = ["class", "support", "correct", "accuracy"]
+    rows = [[r[c] if r[c] is not None else "" for c in columns] for r in metrics["per_class"]]
+    write_csv_rows(out / "per_class.csv", columns, rows)
 
 
-def _write_failures(out: Path, split: Split, logits: torch.Tensor, classes: list[str]) -> list:
+def _write_failures(out: Path, split: Split, logits: torch.Tensor, classes: list[str]) -> None:
     """failures/<index>.png, failures.json and the failures.png grid; stale PNGs removed."""
-    failures = select_failures(split.labels, logits)
-    folder = out / "failures"
     entries, images, titles = [], [], []
-    for f in failures:
+    for f in select_failures(split.labels, logits):
         chw = split.images[f["index"]].numpy()
-        rel = f"failures/{f['index']}.png"
-        atomic_write_bytes(out / rel, plots.image_png(chw))
-        true, pred = classes[f["true"]], classes[f["predicted"]]
-        entries.append(
-            {
-                "index": f["index"],
-                "true": true,
-                "predicted": pred,
-                "confidence": f["confidence"],
-                "file": rel,
-            }
-        )
+        entry = {
+            **f,
+            "true": classes[f["true"]],
+            "predicted": classes[f["predicted"]],
+            "file": f"failures/{f['index']}.png",
+        }
+        atomic_write_bytes(out / entry["file"], plots.image_png(chw))
+        entries.append(entry)
         images.append(chw)
-        titles.append(f"{true} → {pred} ({f['confidence']:.2f})")
-    if folder.is_dir():  # an earlier evaluation's images would otherwise linger in the gallery
-        keep = {Path(e["file"]).name for e in entries}
-        for stale in folder.glob("*.png"):
-            if stale.name not in keep:
-                stale.unlink()
+        titles.append(f"{entry['true']} → {entry['predicted']} ({entry['confidence']:.2f})")
+    # An earlier evaluation's images would otherwise linger beside the new gallery.
+    keep = {Path(e["file"]).name for e in entries}
+    for stale in (out / "failures").glob("*.png"):
+        if stale.name not in keep:
+            stale.unlink()
     atomic_write_json(out / "failures.json", entries)
     atomic_write_bytes(out / "failures.png", plots.failures_png(images, titles))
-    return entries
 
 
 def _write_curves(run: _Run, out: Path) -> None:
@@ -236,73 +216,53 @@ def _write_curves(run: _Run, out: Path) -> None:
 
     history = read_metrics(run.path)
     if not history:
-        log.warning("no metrics.csv rows in %s; skipping curves.png", run.path)
+        log.warning("no rows in %s; skipping curves.png", run.path / "metrics.csv")
         return
-    png = plots.curves_png(
-        history,
-        best_epoch=run.ckpt.get("best_epoch"),
-        title=f"{run.ckpt['model']['name']} · {run.path.name}",
-    )
+    title = f"{run.ckpt['model']['name']} · {run.path.name}"
+    if run.config.get("label_smoothing"):  # train loss is smoothed, val loss is not
+        title += f" (train loss with label smoothing {run.config['label_smoothing']})"
+    png = plots.curves_png(history, best_epoch=run.ckpt.get("best_epoch"), title=title)
     atomic_write_bytes(out / "curves.png", png)
 
 
 def evaluate_run(
     run_dir: Path, split: str = "test", device: str = "auto", data: DataBundle | None = None
 ) -> dict:
-    """Evaluate RUN/best.pt on `split` of the run's own data and write RUN/eval[-val]/."""
+    """Evaluate RUN/best.pt on `split` ("test" or "val") of the run's own data.
+
+    Writes RUN/eval/ (RUN/eval-val/ for val): metrics.json, the classification report, the
+    confusion matrix (CSV + PNG), per_class.csv, the failure gallery and curves.png. Returns
+    a summary: split, run, n, accuracy, loss, macro_f1, checkpoint_epoch, eval_dir.
+    """
     run = _load_run(run_dir)
-    if split not in SPLITS:  # fail before the (possibly slow) data load
-        raise ToolkitError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
-    data = _run_data(run, data)
-    chosen = _pick_split(data, split, run.path)
-    classes = list(run.ckpt["dataset"]["classes"])
-    log.info(
-        "evaluating %s (epoch %d) on %d %s images",
-        run.path / "best.pt",
-        run.ckpt["epoch"],
-        len(chosen),
-        split,
-    )
+    _check_split_name(split)  # before the (possibly slow) data load
+    chosen = _pick_split(_run_data(run, data), split, run.path)
+    ckpt, classes = run.ckpt, list(run.ckpt["dataset"]["classes"])
+    log.info("evaluating %s (epoch %d) on %s", run.path / "best.pt", ckpt["epoch"], split)
     logits = _predict(run, chosen, device)
     metrics = compute_metrics(chosen.labels, logits, classes)
 
     out = run.path / SPLITS[split]
     _write_reports(out, metrics, classes)
     _write_failures(out, chosen, logits, classes)
-    title = f"{run.ckpt['model']['name']} · {split} accuracy {metrics['accuracy']:.2%}"
-    atomic_write_bytes(
-        out / "confusion_matrix.png",
-        plots.confusion_matrix_png(metrics["confusion"], classes, title),
-    )
+    title = f"{ckpt['model']['name']} · {split} accuracy {metrics['accuracy']:.2%}"
+    cm_png = plots.confusion_matrix_png(metrics["confusion"], classes, title)
+    atomic_write_bytes(out / "confusion_matrix.png", cm_png)
     _write_curves(run, out)
-    ds = run.ckpt["dataset"]
-    # metrics.json last: its presence means the whole folder is from this evaluation.
-    atomic_write_json(
-        out / "metrics.json",
-        {
-            "split": split,
-            "n": metrics["n"],
-            "accuracy": metrics["accuracy"],
-            "loss": metrics["loss"],
-            "macro_f1": metrics["macro_f1"],
-            "per_class_accuracy": {r["class"]: r["accuracy"] for r in metrics["per_class"]},
-            "checkpoint_epoch": run.ckpt["epoch"],
-            "model": run.ckpt["model"],
-            "dataset": {k: ds[k] for k in ("name", "image_size", "source", "fingerprint")},
-            "evaluated_at": datetime.now().isoformat(timespec="seconds"),
-        },
-    )
-    log.info("%s accuracy %.4f, reports in %s", split, metrics["accuracy"], out)
-    return {
+    record = {
         "split": split,
-        "run": str(run.path),
-        "n": metrics["n"],
-        "accuracy": metrics["accuracy"],
-        "loss": metrics["loss"],
-        "macro_f1": metrics["macro_f1"],
-        "checkpoint_epoch": run.ckpt["epoch"],
-        "eval_dir": str(out),
+        **{k: metrics[k] for k in ("n", "accuracy", "loss", "macro_f1")},
+        "per_class_accuracy": {r["class"]: r["accuracy"] for r in metrics["per_class"]},
+        "checkpoint_epoch": ckpt["epoch"],
+        "model": ckpt["model"],
+        "dataset": {k: ckpt["dataset"][k] for k in ("name", "image_size", "source", "fingerprint")},
+        "evaluated_at": datetime.now().isoformat(timespec="seconds"),
     }
+    # metrics.json last: when it exists, everything beside it is from this evaluation.
+    atomic_write_json(out / "metrics.json", record)
+    log.info("%s accuracy %.4f, reports in %s", split, metrics["accuracy"], out)
+    keys = ("split", "n", "accuracy", "loss", "macro_f1", "checkpoint_epoch")
+    return {**{k: record[k] for k in keys}, "run": str(run.path), "eval_dir": str(out)}
 
 
 # --- compare_runs ----------------------------------------------------------------------------
@@ -319,15 +279,14 @@ COMPARE_COLUMNS = (
     "best val acc",
     "test acc",
 )
+_TEXT_COLUMNS = ("run", "model", "options", "dataset")
 
 
 def _options_text(run: _Run) -> str:
-    """Model options and the training knobs the seed experiments vary, as one short string."""
+    """Model options plus the training knobs the seed experiments vary, in one short string."""
     opts = run.ckpt["model"].get("options", {})
     parts = [k if v is True else f"{k}={v}" for k, v in sorted(opts.items())]
-    parts.append(f"recipe={run.config.get('recipe', '?')}")
-    parts.append(f"l2={run.config.get('l2', '?')}")
-    return " ".join(parts)
+    return " ".join([*parts, f"recipe={run.config.get('recipe')}", f"l2={run.config.get('l2')}"])
 
 
 def _test_accuracy(run: _Run) -> float | str:
@@ -336,8 +295,8 @@ def _test_accuracy(run: _Run) -> float | str:
     if not path.is_file():
         return ""
     metrics = read_json(path)
-    if metrics.get("checkpoint_epoch") != run.ckpt["epoch"] or metrics.get("split") != "test":
-        log.warning("%s is from another checkpoint; re-run `toolkit evaluate %s`", path, run.path)
+    if metrics.get("split") != "test" or metrics.get("checkpoint_epoch") != run.ckpt["epoch"]:
+        log.warning("%s describes another checkpoint; run `toolkit evaluate %s`", path, run.path)
         return ""
     return float(metrics["accuracy"])
 
@@ -364,39 +323,37 @@ def _compare_row(run_dir: Path) -> dict:
     }
 
 
-def _markdown(rows: list[dict]) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}" if value <= 1 else f"{value:,.1f}"
-        if isinstance(value, int):
-            return f"{value:,}"
-        return str(value).replace("|", "\\|") or "—"
+def _markdown_cell(column: str, value) -> str:
+    if value == "":
+        return "—"
+    if column.endswith("acc"):
+        return f"{value:.2%}"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|")
 
-    lines = [
-        "| " + " | ".join(COMPARE_COLUMNS) + " |",
-        "|"
-        + "|".join(
-            "---" if c in ("run", "model", "options", "dataset") else "---:"
-            for c in COMPARE_COLUMNS
-        )
-        + "|",
-    ]
-    lines += ["| " + " | ".join(cell(r[c]) for c in COMPARE_COLUMNS) + " |" for r in rows]
+
+def _markdown(rows: list[dict]) -> str:
+    align = ["---" if c in _TEXT_COLUMNS else "---:" for c in COMPARE_COLUMNS]
+    lines = ["| " + " | ".join(COMPARE_COLUMNS) + " |", "|" + "|".join(align) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_markdown_cell(c, r[c]) for c in COMPARE_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
 def compare_runs(run_dirs: list[Path], out_dir: Path | None = None) -> list[dict]:
-    """One row per run (size, time, accuracy); optionally comparison.md + .csv in `out_dir`."""
+    """One row per run: params, checkpoint size, epochs, train time, best val and test acc.
+
+    With `out_dir`, also writes comparison.md (Markdown table) and comparison.csv there.
+    """
     if not run_dirs:
         raise ToolkitError("name at least one run folder to compare")
     rows = [_compare_row(Path(r)) for r in run_dirs]
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        atomic_write_text(out_dir / "comparison.md", _markdown(rows))
-        write_csv_rows(
-            out_dir / "comparison.csv",
-            COMPARE_COLUMNS,
-            [[r[c] for c in COMPARE_COLUMNS] for r in rows],
-        )
-        log.info("comparison written to %s", out_dir)
+        atomic_write_text(Path(out_dir) / "comparison.md", _markdown(rows))
+        table = [[r[c] for c in COMPARE_COLUMNS] for r in rows]
+        write_csv_rows(Path(out_dir) / "comparison.csv", COMPARE_COLUMNS, table)
+        log.info("comparison of %d runs written to %s", len(rows), out_dir)
     return rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ def check_opset(opset: int | None) -> int:
     return opset
 
 
-def torch_to_onnx(head: nn.Module, input_shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
+def torch_to_onnx(
+    head: nn.Module, input_shape: tuple[int, int, int], opset: int
+) -> onnx.ModelProto:
     """Trace `head` (eval mode) into an ONNX model with a dynamic batch dimension.
 
     The TorchScript exporter is used on purpose: on these small CNNs it is ~30× faster than the
@@ -87,13 +90,29 @@ def torch_to_onnx(head: nn.Module, input_shape: tuple[int, int, int], opset: int
         warnings.simplefilter("ignore", FutureWarning)
         try:
             torch.onnx.export(
-                head, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=opset,
+                head,
+                (example,),
+                buffer,
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=dynamic,
+                opset_version=opset,
                 do_constant_folding=True,
             )
         except Exception as exc:  # an operator the exporter cannot write at this opset...
             raise ToolkitError(f"ONNX export failed at opset {opset}: {_first_line(exc)}") from exc
     return onnx.load_from_string(buffer.getvalue())
+
+
+def export_classifier(
+    head: nn.Module, input_shape: tuple[int, int, int], meta: dict[str, Any], opset: int
+) -> onnx.ModelProto:
+    """The checked ONNX model of `head`, carrying `meta` in its metadata_props."""
+    model = torch_to_onnx(head, input_shape, opset)
+    attach_metadata(model, meta)
+    check_model(model)
+    return model
 
 
 def build_metadata(ckpt: dict, run_dir: Path, num_params: int) -> dict[str, Any]:
@@ -112,14 +131,15 @@ def build_metadata(ckpt: dict, run_dir: Path, num_params: int) -> dict[str, Any]
         "toolkit_version": __version__,
         "preprocessing": dict(PREPROCESSING),
     }
-    test_accuracy = evaluated_test_accuracy(run_dir)
+    test_accuracy = evaluated_test_accuracy(run_dir, ckpt)
     if test_accuracy is not None:
         meta["test_accuracy"] = test_accuracy
     return meta
 
 
-def evaluated_test_accuracy(run_dir: Path) -> float | None:
-    """RUN/eval/metrics.json's accuracy when `toolkit evaluate` ran on the test split."""
+def evaluated_test_accuracy(run_dir: Path, ckpt: dict) -> float | None:
+    """RUN/eval/metrics.json's accuracy when `toolkit evaluate` ran on the test split *of this
+    best.pt*; a val-split or stale evaluation must not be published as test accuracy."""
     path = Path(run_dir) / "eval" / "metrics.json"
     if not path.is_file():
         return None
@@ -129,10 +149,20 @@ def evaluated_test_accuracy(run_dir: Path) -> float | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring %s: no readable 'accuracy' (%s)", path, exc)
         return None
-    # A val-split evaluation must not be published as test accuracy.
     if metrics.get("split", "test") != "test":
-        log.info("%s evaluates the %s split; no test_accuracy in the metadata", path,
-                 metrics["split"])
+        log.info(
+            "%s is a %s-split evaluation; no test_accuracy in the metadata", path, metrics["split"]
+        )
+        return None
+    epoch = metrics.get("checkpoint_epoch", ckpt["epoch"])
+    fingerprint = metrics.get("dataset", {}).get("fingerprint", ckpt["dataset"]["fingerprint"])
+    if epoch != ckpt["epoch"] or fingerprint != ckpt["dataset"]["fingerprint"]:
+        log.warning(
+            "%s describes another checkpoint or data; no test_accuracy in the metadata "
+            "(run `toolkit evaluate %s` first)",
+            path,
+            run_dir,
+        )
         return None
     return accuracy
 
@@ -184,12 +214,89 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, external data missing...
-        raise ToolkitError(f"'{path}' is not a readable ONNX model ({_first_line(exc)}); "
-                           "export it again with `toolkit export`") from exc
+        raise ToolkitError(
+            f"'{path}' is not a readable ONNX model ({_first_line(exc)}); "
+            "export it again with `toolkit export`"
+        ) from exc
     if not model.graph.node:
         raise ToolkitError(f"'{path}' is not an ONNX model (empty graph); export it again")
     check_model(model, f"'{path}'")
     return model
+
+
+# --- what a graph is and costs ---------------------------------------------------------------
+
+
+def input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
+    """The per-image input shape (C, H, W) of the graph input `image`."""
+    for value in model.graph.input:
+        if value.name == INPUT_NAME:
+            dims = value.type.tensor_type.shape.dim[1:]
+            if dims and all(d.HasField("dim_value") for d in dims):
+                return tuple(int(d.dim_value) for d in dims)
+    raise ToolkitError(
+        f"the model has no fixed-size input '{INPUT_NAME}'; was it exported by `toolkit export`?"
+    )
+
+
+def count_macs(model: onnx.ModelProto) -> int:
+    """Multiply-accumulates per image of the Conv, Gemm and MatMul nodes.
+
+    Shapes come from onnx shape inference with the batch fixed to 1, so the count works on any
+    exported file (fp32, fp16, QDQ int8) without the torch model.
+    """
+    shapes = _inferred_shapes(_batch_of_one(model))
+    macs = 0
+    for node in model.graph.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        if node.op_type == "Conv" and out and node.input[1] in shapes:
+            macs += math.prod(out) * math.prod(shapes[node.input[1]][1:])
+        elif node.op_type == "Gemm" and out and node.input[0] in shapes:
+            trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+            a_shape = shapes[node.input[0]]
+            macs += math.prod(out) * (a_shape[0] if trans_a else a_shape[-1])
+        elif node.op_type == "MatMul" and out and node.input[0] in shapes:
+            macs += math.prod(out) * shapes[node.input[0]][-1]
+    return int(macs)
+
+
+def _batch_of_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for value in (*fixed.graph.input, *fixed.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    return fixed
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {init.name: list(init.dims) for init in inferred.graph.initializer}
+    graph = inferred.graph
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [int(d.dim_value) for d in dims]
+    return shapes
+
+
+def count_initializer_params(model: onnx.ModelProto) -> int:
+    """Elements of non-scalar float/int8 initializers: parameters of a file without metadata."""
+    skip = {onnx.TensorProto.INT64}  # shape constants, not weights
+    return sum(
+        math.prod(i.dims) for i in model.graph.initializer if i.dims and i.data_type not in skip
+    )
+
+
+def precision(model: onnx.ModelProto) -> str:
+    """fp32, fp16 or int8 (QDQ), from the graph itself."""
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        return "int8"
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+        return "fp16"
+    return "fp32"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,17 +17,22 @@ import numpy as np
 import onnx
 import torch
 
+from toolkit.bench import BATCH_SIZES, CPU, CUDA, Timing, make_session, measure_onnx
+from toolkit.data import DataBundle, Split
 from toolkit.errors import ToolkitError
-from toolkit.onnx_export import INPUT_NAME
+from toolkit.onnx_export import INPUT_NAME, check_model
+from toolkit.parity import compare, onnx_outputs
 
 log = logging.getLogger(__name__)
 
+INT8_FILE, FP16_FILE = "model.int8.onnx", "model.fp16.onnx"
 CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 32
 
 
-def calibration_images(images: torch.Tensor, count: int = CALIBRATION_IMAGES,
-                       seed: int = 0) -> np.ndarray:
+def calibration_images(
+    images: torch.Tensor, count: int = CALIBRATION_IMAGES, seed: int = 0
+) -> np.ndarray:
     """A seeded random sample of uint8 N×C×H×W training images as float32 in [0, 1]."""
     if len(images) == 0:
         raise ToolkitError("no training images to calibrate INT8 with")
@@ -51,7 +56,9 @@ def _reader(images: np.ndarray, batch: int):
     return _Batches()
 
 
-def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, vnni: bool) -> onnx.ModelProto:
+def quantize_int8(
+    model: onnx.ModelProto, calibration: np.ndarray, *, vnni: bool
+) -> onnx.ModelProto:
     """Static QDQ INT8 copy of `model` (metadata kept), calibrated on `calibration` images."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -62,9 +69,14 @@ def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, vnni: bool
         try:
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
             quantize_static(
-                str(prepared), str(int8), _reader(calibration, CALIBRATION_BATCH),
-                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=not vnni,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                str(prepared),
+                str(int8),
+                _reader(calibration, CALIBRATION_BATCH),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=not vnni,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
             )
         except Exception as exc:  # an operator the quantizer cannot handle, a bad graph...
@@ -77,10 +89,14 @@ def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, vnni: bool
 def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """fp16 weights and arithmetic with fp32 input/output, so clients feed the same tensors."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    half = convert_float_to_float16(model, keep_io_types=True)
-    _copy_metadata(model, half)
-    return half
+    half = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
+    # The converter appends the input/output Casts at the end of the node list, which
+    # onnx.checker rejects (nodes must be topologically sorted).
+    half.topological_sort()
+    _copy_metadata(model, half.model)
+    return half.model
 
 
 def _copy_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
@@ -98,9 +114,128 @@ def int8_note(speedup_b1: float, speedup_b64: float, cpu: dict) -> str:
     if speedup_b1 >= 1.0 and speedup_b64 >= 1.0:
         return f"INT8 is faster on this CPU ({speeds}); the CPU {vnni}."
     if not cpu.get("vnni"):
-        why = ("without VNNI the u8×s8 dot products run on plain AVX2/AVX-512, and the "
-               "quantize/dequantize steps cost more than they save")
+        why = (
+            "without VNNI the u8×s8 dot products run on plain AVX2/AVX-512, and the "
+            "quantize/dequantize steps cost more than they save"
+        )
     else:
-        why = ("the CPU has VNNI, but this model is so small that the quantize/dequantize "
-               "steps around each layer cost more than the cheaper int8 arithmetic saves")
+        why = (
+            "the CPU has VNNI, but this model is so small that the quantize/dequantize "
+            "steps around each layer cost more than the cheaper int8 arithmetic saves"
+        )
     return f"INT8 is slower than fp32 on this CPU ({speeds}): {why}."
+
+
+# --- verified, timed variants of an fp32 export ---------------------------------------------
+
+
+def _variant(
+    model: onnx.ModelProto,
+    fmt: str,
+    runtime: str,
+    split: Split,
+    reference,
+    report: dict,
+    timing: Timing,
+) -> tuple[bytes, dict, list[dict]]:
+    """Check, run on the split and time a converted model: (bytes, comparison, latency rows)."""
+    check_model(model, f"the {fmt} model")
+    payload = model.SerializeToString()
+    threads = report["threads"]["onnxruntime_intra_op"]
+    session = make_session(payload, runtime, threads)
+    versus = compare(reference, onnx_outputs(session, split.images, description=fmt), split.labels)
+    static = static_columns(report, fmt, len(payload), versus["onnx_accuracy"])
+    rows = [
+        {**static, **r}
+        for r in measure_onnx(session, report_shape(report), runtime, threads, timing)
+    ]
+    report["latency"] += rows
+    return payload, versus, rows
+
+
+def int8_variant(
+    model: onnx.ModelProto, data: DataBundle, split: Split, reference, report: dict, timing: Timing
+) -> tuple[bytes, dict]:
+    """Quantize, compare with torch and fp32 on the same split, time on the CPU.
+
+    `report` is the fp32 export's report so far (verification, stats, latency, cpu, threads);
+    the INT8 latency rows are appended to its "latency". Returns (bytes, the "int8" section).
+    """
+    cpu, fp32 = report["cpu"], report["verification"]
+    calibration = calibration_images(data.train.images)
+    quantized = quantize_int8(model, calibration, vnni=cpu["vnni"])
+    payload, versus, rows = _variant(quantized, "onnx int8", CPU, split, reference, report, timing)
+    speedups = {
+        f"batch_{b}": _p50(report["latency"], "onnx fp32", b) / _p50(rows, "onnx int8", b)
+        for b in BATCH_SIZES
+    }
+    delta = versus["onnx_accuracy"] - fp32["onnx_accuracy"]
+    if delta < -0.01:
+        log.warning("INT8 loses %.2f accuracy points on %s", -100 * delta, fp32["split"])
+    size_mb = len(payload) / 1e6
+    return payload, {
+        "file": INT8_FILE,
+        "size_mb": size_mb,
+        "size_ratio": size_mb / report["stats"]["size_mb"],
+        "accuracy": versus["onnx_accuracy"],
+        "fp32_accuracy": fp32["onnx_accuracy"],
+        "accuracy_delta": delta,
+        "top1_agreement_vs_torch": versus["top1_agreement"],
+        "max_abs_logit_diff_vs_torch": versus["max_abs_logit_diff"],
+        "calibration_images": len(calibration),
+        "reduce_range": not cpu["vnni"],
+        "speedup_vs_fp32": speedups,
+        "faster_than_fp32": min(speedups.values()) >= 1.0,
+        "cpu_vnni": cpu["vnni"],
+        "note": int8_note(speedups["batch_1"], speedups[f"batch_{BATCH_SIZES[-1]}"], cpu),
+    }
+
+
+def fp16_variant(
+    model: onnx.ModelProto, split: Split, reference, report: dict, timing: Timing
+) -> tuple[bytes, dict]:
+    """fp16 copy, compared with torch on the split and timed on the CUDA provider.
+
+    Like int8_variant: appends latency rows to `report`; returns (bytes, the "fp16" section).
+    """
+    payload, versus, _ = _variant(
+        convert_fp16(model), "onnx fp16", CUDA, split, reference, report, timing
+    )
+    return payload, {
+        "file": FP16_FILE,
+        "size_mb": len(payload) / 1e6,
+        "runtime": CUDA,
+        "accuracy": versus["onnx_accuracy"],
+        "accuracy_delta": versus["onnx_accuracy"] - report["verification"]["onnx_accuracy"],
+        "top1_agreement_vs_torch": versus["top1_agreement"],
+        "max_abs_logit_diff_vs_torch": versus["max_abs_logit_diff"],
+    }
+
+
+def static_columns(report: dict, fmt: str, size_bytes: int, accuracy: float) -> dict:
+    """The columns of a latency row that do not depend on the runtime or batch."""
+    stats = report["stats"]
+    return {
+        "model": report["metadata"]["model"],
+        "format": fmt,
+        "size_mb": size_bytes / 1e6,
+        "params": stats["params"],
+        "macs": stats["macs_per_image"],
+        "accuracy": accuracy,
+    }
+
+
+def _p50(rows: list[dict], fmt: str, batch: int) -> float:
+    """p50 latency of `fmt` on the onnxruntime CPU provider at `batch`."""
+    return next(
+        r["p50_ms"]
+        for r in rows
+        if r["format"] == fmt and r["runtime"] == CPU and r["batch"] == batch
+    )
+
+
+def report_shape(report: dict) -> tuple[int, ...]:
+    return tuple(report["stats"]["input_shape"])
+
+
+# --- the report ------------------------------------------------------------------------------

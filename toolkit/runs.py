@@ -42,6 +42,13 @@ DEFAULT_RUNS_ROOT = Path("runs")
 # --- atomic writes ---------------------------------------------------------------------------
 
 
+def _readable_mode() -> int:
+    """0o666 minus the umask: what open() would give, not mkstemp's owner-only 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
@@ -54,6 +61,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), _readable_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -76,6 +84,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, _readable_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

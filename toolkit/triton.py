@@ -74,9 +74,14 @@ def write_triton_repo(repo: Path, model_bytes: bytes, meta: dict) -> dict:
         atomic_write_text(folder / "labels.txt", "\n".join(meta["classes"]) + "\n")
         atomic_write_text(folder / "config.pbtxt", config_pbtxt(name, meta))
     except OSError as exc:
-        raise ToolkitError(f"cannot write the Triton repository '{repo}': "
-                           f"{exc.strerror or exc}") from exc
+        raise ToolkitError(
+            f"cannot write the Triton repository '{repo}': {exc.strerror or exc}"
+        ) from exc
     log.info("Triton model repository: %s", folder)
-    return {"repository": str(Path(repo)), "model_name": name,
-            "config": str(folder / "config.pbtxt"), "model": str(folder / "1" / "model.onnx"),
-            "max_batch_size": MAX_BATCH_SIZE}
+    return {
+        "repository": str(Path(repo)),
+        "model_name": name,
+        "config": str(folder / "config.pbtxt"),
+        "model": str(folder / "1" / "model.onnx"),
+        "max_batch_size": MAX_BATCH_SIZE,
+    }

@@ -1,0 +1,164 @@
+"""Default recipe vs the reference (`seed`) recipe on real CIFAR-10, at equal epoch budgets.
+
+    python -m benchmarks.core_recipes --data-dir ../shared/data/cifar10            # train
+    python -m benchmarks.core_recipes --data-dir ../shared/data/cifar10 --report   # evaluate
+
+Each experiment is a normal run folder under --runs (default runs/bench); finished runs are
+skipped, an interrupted one resumes. The report evaluates every best.pt once on the test
+split and writes benchmarks/core_recipes.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from toolkit import recipes
+from toolkit.data import DataOptions
+from toolkit.models import resolve_options
+from toolkit.train import TrainConfig, fit, read_metrics
+
+# name -> (model, model options, recipe, epochs); the order is the order they train in.
+PLAN = {
+    "net-default-5": ("net", {}, "default", 5),
+    "net-seed-30": ("net", {}, "seed", 30),
+    "net-default-30": ("net", {}, "default", 30),
+    "lenet5-default-30": ("lenet5", {}, "default", 30),
+    "resnet10-default-20": ("resnet10", {}, "default", 20),
+    "mlp-default-15": ("mlp", {}, "default", 15),
+    "net2-default-15": ("net2", {}, "default", 15),
+    "lenet5-seed-30": ("lenet5", {}, "seed", 30),
+    "resnet10-seed-20": ("resnet10", {}, "seed", 20),
+}
+# Reported accuracies of the reference (SEED_EXPERIMENTS.md, its "val" = the test split).
+REFERENCE = {"net": 0.60, "net2": 0.62, "resnet10": 0.67, "mlp": None, "lenet5": None}
+OUT = Path(__file__).resolve().parent
+
+
+def config_for(name: str, data: DataOptions) -> TrainConfig:
+    model, options, recipe, epochs = PLAN[name]
+    values = recipes.resolve(recipe, model, {"epochs": epochs})
+    return TrainConfig(
+        model=model,
+        model_options=resolve_options(model, **options),
+        data=data,
+        recipe=recipe,
+        device="auto",
+        **values,
+    )
+
+
+def train_all(data: DataOptions, runs: Path, only: list[str]) -> None:
+    for name in only or PLAN:
+        run_dir = runs / name
+        config = config_for(name, data)
+        done = read_metrics(run_dir)
+        if len(done) >= config.epochs:
+            print(f"{name}: finished, skipping")
+            continue
+        print(f"{name}: training {config.epochs} epochs")
+        if (run_dir / "last.pt").exists():
+            fit(config, resume=run_dir)
+        else:
+            fit(config, run_dir=run_dir)
+
+
+def first_epoch_reaching(rows: list[dict], target: float | None) -> dict | None:
+    if target is None:
+        return None
+    seconds = 0.0
+    for row in rows:
+        seconds += row["seconds"]
+        if row["val_acc"] >= target:
+            return {"epoch": row["epoch"], "seconds": round(seconds, 1)}
+    return None
+
+
+def report(runs: Path) -> None:
+    from toolkit.evaluate import evaluate_run
+
+    results = []
+    for name, (model, _options, recipe, epochs) in PLAN.items():
+        run_dir = runs / name
+        rows = read_metrics(run_dir)
+        if len(rows) < epochs:
+            print(f"{name}: not finished ({len(rows)}/{epochs} epochs), left out")
+            continue
+        metrics_file = run_dir / "eval" / "metrics.json"
+        if not metrics_file.exists():
+            evaluate_run(run_dir, split="test")
+        test = json.loads(metrics_file.read_text())
+        config = json.loads((run_dir / "config.json").read_text())
+        train_seconds = sum(r["seconds"] for r in rows)
+        results.append(
+            {
+                "experiment": name,
+                "model": model,
+                "recipe": recipe,
+                "epochs": epochs,
+                "params": config["num_params"],
+                "best_val_acc": round(max(r["val_acc"] for r in rows), 4),
+                "test_acc": round(test["accuracy"], 4),
+                "final_train_acc": round(rows[-1]["train_acc"], 4),
+                "train_seconds": round(train_seconds, 1),
+                "img_per_s": round(sum(r["img_per_s"] for r in rows) / len(rows)),
+                "reference_acc": REFERENCE.get(model),
+                "val_reaches_reference": first_epoch_reaching(rows, REFERENCE.get(model)),
+            }
+        )
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    (OUT / "core_recipes.json").write_text(
+        json.dumps({"machine": machine, "results": results}, indent=2) + "\n"
+    )
+    lines = [
+        "# Default vs seed recipe on real CIFAR-10",
+        "",
+        f"Machine: {machine}. Data: the 60,000 real CIFAR-10 images (JPEG copy); val = a "
+        "stratified 10 % of train (seed 0), test = the official 10,000, evaluated once on "
+        "each run's best-val checkpoint. Reproduce: `python -m benchmarks.core_recipes "
+        "--data-dir ../shared/data/cifar10 && python -m benchmarks.core_recipes --data-dir "
+        "../shared/data/cifar10 --report`.",
+        "",
+        "| experiment | params | epochs | train s | img/s | best val | **test** | train acc "
+        "| reference | val ≥ reference at |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        reach = r["val_reaches_reference"]
+        reached = f"epoch {reach['epoch']} ({reach['seconds']:.0f} s)" if reach else "—"
+        lines.append(
+            f"| {r['experiment']} | {r['params']:,} | {r['epochs']} | {r['train_seconds']:.0f} "
+            f"| {r['img_per_s']:,} | {r['best_val_acc']:.2%} | **{r['test_acc']:.2%}** "
+            f"| {r['final_train_acc']:.2%} | "
+            f"{'—' if r['reference_acc'] is None else format(r['reference_acc'], '.0%')} | "
+            f"{reached} |"
+        )
+    (OUT / "core_recipes.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", help="CIFAR-10 image folder (default: download)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--report", action="store_true", help="evaluate and write the report")
+    parser.add_argument("--only", nargs="*", default=[], choices=list(PLAN))
+    args = parser.parse_args()
+    data = DataOptions(data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None)
+    if args.report:
+        report(args.runs)
+    else:
+        train_all(data, args.runs, args.only)
+
+
+if __name__ == "__main__":
+    main()

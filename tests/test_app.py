@@ -1,0 +1,441 @@
+"""The Gradio app, launched for real on a free 127.0.0.1 port and driven through gradio_client
+and plain HTTP: predictions, the default model, known failures, every bad input, what the
+server will hand out, auth, and `python -m serving.app` itself (plus, marked slow, in a fresh
+venv built only from serving/requirements.txt, as the Docker image is).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import venv
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from serving.app import (
+    DemoHandlers,
+    build_demo,
+    card_markdown,
+    launch,
+    parse_args,
+    parse_auth,
+    upload_bytes,
+)
+from serving.catalog import Catalog, load_catalog
+from serving.images import ImageError, open_upload
+from tests.synthetic import CIFAR_CLASSES, STL10_CLASSES
+from tests.test_serving import build_served_artifacts, png_claiming, truncated
+
+ROOT = Path(__file__).resolve().parents[1]
+UPLOAD_CAP_MB = 0.5  # small, so the over-the-cap test needs no huge file
+STARTUP_TIMEOUT_S = 60
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_demo(artifacts: Path, **launch_options) -> Iterator[str]:
+    """The app in this process (a server thread) on a free port; closed afterwards."""
+    demo = build_demo(artifacts, max_upload_mb=UPLOAD_CAP_MB)
+    url = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True, **launch_options)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not come up within {timeout} s")
+
+
+def smoke_test_module_app(python: str, cwd: Path, artifacts: Path, example: Path) -> dict:
+    """Run `python -m serving.app` as a process, classify `example` through gradio_client."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "TOOLKIT_AUTH"))}
+    process = subprocess.Popen(
+        [python, "-m", "serving.app", "--artifacts", str(artifacts), "--port", str(port)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_until_up(url, process, STARTUP_TIMEOUT_S)
+        return Client(url, verbose=False).predict(handle_file(str(example)), api_name="/predict")
+    finally:
+        process.terminate()
+        try:
+            output, _ = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        print(output[-3000:])  # shown by pytest only when the test fails
+
+
+@pytest.fixture(scope="session")
+def served_artifacts(tmp_path_factory, trained_run, cifar_folder) -> Path:
+    return build_served_artifacts(tmp_path_factory, trained_run, cifar_folder)
+
+
+@pytest.fixture(scope="module")
+def catalog(served_artifacts) -> Catalog:
+    return load_catalog(served_artifacts)
+
+
+@pytest.fixture(scope="module")
+def server(served_artifacts) -> Iterator[str]:
+    with running_demo(served_artifacts) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Client:
+    return Client(server, verbose=False)
+
+
+def example(artifacts: Path, dataset: str, name: str) -> Path:
+    return artifacts / "examples" / dataset / f"{name}_0.png"
+
+
+def top5(catalog: Catalog, model: str, path: Path) -> dict[str, float]:
+    """What the classifier says in-process: the reference for the API's answers."""
+    served = catalog.get(model)
+    return served.classifier.top_k(served.classifier.predict([open_upload(path)])[0])
+
+
+def as_dict(label: dict) -> dict[str, float]:
+    return {c["label"]: c["confidence"] for c in label["confidences"]}
+
+
+# --- predictions -------------------------------------------------------------------------------
+
+
+def test_predict_returns_the_top5_label(client, catalog, served_artifacts):
+    path = example(served_artifacts, "cifar10", "cat")
+    result = client.predict(handle_file(str(path)), "cifar10-net", api_name="/predict")
+    assert result["label"] == "cat"
+    confidences = [c["confidence"] for c in result["confidences"]]
+    assert len(confidences) == 5 and confidences == sorted(confidences, reverse=True)
+    expected = top5(catalog, "cifar10-net", path)
+    assert list(as_dict(result)) == list(expected)
+    np.testing.assert_allclose(list(as_dict(result).values()), list(expected.values()), atol=1e-6)
+
+
+def test_default_model_is_the_most_accurate(client, catalog, served_artifacts):
+    path = example(served_artifacts, "stl10", "horse")
+    default = client.predict(handle_file(str(path)), api_name="/predict")
+    assert catalog.default == "cifar10-net"
+    assert set(as_dict(default)) <= set(CIFAR_CLASSES)
+    assert as_dict(default) == pytest.approx(top5(catalog, "cifar10-net", path), abs=1e-6)
+    stl = client.predict(handle_file(str(path)), "stl10-net", api_name="/predict")
+    assert set(as_dict(stl)) <= set(STL10_CLASSES) and "monkey" in STL10_CLASSES
+    assert as_dict(stl) == pytest.approx(top5(catalog, "stl10-net", path), abs=1e-6)
+
+
+def test_known_failures_are_reproduced_through_the_api(client, catalog):
+    failures = catalog.get("stl10-net").failures
+    assert failures
+    for failure in failures:
+        result = client.predict(handle_file(str(failure.path)), "stl10-net", api_name="/predict")
+        assert result["label"] == failure.predicted != failure.true
+        assert result["confidences"][0]["confidence"] == pytest.approx(failure.confidence, abs=1e-4)
+
+
+def test_gallery_clicks_run_the_clicked_image(catalog):
+    import gradio as gr
+
+    handlers = DemoHandlers(catalog, max_upload_bytes=10**6)
+    failure = catalog.get("stl10-net").failures[1]
+    click = gr.SelectData(None, {"index": 1, "value": None})
+    shown, label, timing = handlers.run_failure("stl10-net", click)
+    assert Path(shown) == failure.path
+    assert next(iter(label)) == failure.predicted
+    assert timing["model"] == "stl10-net" and timing["model_ms"] > 0
+    click = gr.SelectData(None, {"index": 4, "value": None})
+    shown, label, _ = handlers.run_example("cifar10-net", click)
+    assert Path(shown) == catalog.examples["cifar10"][4]
+    assert next(iter(label)) == Path(shown).stem.rsplit("_", 1)[0]  # the 100 % model is right
+
+
+def test_model_switch_shows_that_models_card_and_galleries(catalog):
+    handlers = DemoHandlers(catalog, max_upload_bytes=10**6)
+    card, matrix, failures, examples = handlers.show_model("stl10-net")
+    served = catalog.get("stl10-net")
+    assert card.startswith("### stl10 · net") and "monkey" in card
+    assert Path(matrix) == served.confusion_matrix
+    assert [Path(p) for p, _ in failures] == [f.path for f in served.failures]
+    assert failures[0][1] == f"{served.failures[0].true} → {served.failures[0].predicted} " + (
+        f"({served.failures[0].confidence:.0%})"
+    )
+    assert [Path(p).parent.name for p, _ in examples] == ["stl10"] * len(examples) != []
+
+
+def test_model_card_shows_params_size_accuracy_and_export_figures(catalog):
+    served = catalog.get("cifar10-net")
+    card = card_markdown(served)
+    assert f"| parameters | {served.info['num_params']:,} |" in card
+    assert "| test accuracy | 100.00% (100 images) |" in card
+    assert f"| ONNX size | {served.size_bytes / 1e6:.2f} MB |" in card
+    assert "| ONNX = torch top-1 | 100.00% |" in card
+    assert "latency p50 (onnx fp32" in card
+    served.report.clear()  # a minimal export report still gives a card
+    assert "| parameters |" in card_markdown(served)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+BAD_UPLOADS = {
+    "notes.txt": (b"just some text\n", r"'notes.txt' is not a PNG, JPEG, GIF, BMP, TIFF"),
+    "empty.png": (b"", r"'empty.png' is empty \(0 bytes\)"),
+    "cut.jpg": (truncated("JPEG"), r"'cut.jpg' is truncated"),
+    "bomb.png": (png_claiming(100_000, 100_000), r"'bomb.png' claims 10,000 megapixels"),
+    "dot.png": (png_claiming(1, 1), r"'dot.png' is only 1×1 pixels"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_UPLOADS)
+def test_bad_uploads_get_a_specific_error_and_the_server_keeps_serving(
+    client, served_artifacts, tmp_path, name
+):
+    data, message = BAD_UPLOADS[name]
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(AppError, match=message):
+        client.predict(handle_file(str(tmp_path / name)), api_name="/predict")
+    good = client.predict(
+        handle_file(str(example(served_artifacts, "cifar10", "ship"))), api_name="/predict"
+    )
+    assert good["label"] == "ship"
+
+
+def test_missing_image_and_unknown_model(client, served_artifacts):
+    with pytest.raises(AppError, match="no image given"):
+        client.predict(None, api_name="/predict")
+    path = handle_file(str(example(served_artifacts, "cifar10", "dog")))
+    with pytest.raises(AppError, match="unknown model 'imagenet-vit'; choose one of: cifar10-net"):
+        client.predict(path, "imagenet-vit", api_name="/predict")
+
+
+def test_animated_gif_is_classified_by_its_first_frame(client, served_artifacts, tmp_path):
+    from PIL import Image
+
+    first = Image.open(example(served_artifacts, "cifar10", "frog")).convert("RGB")
+    second = Image.open(example(served_artifacts, "cifar10", "truck")).convert("RGB")
+    first.save(tmp_path / "anim.gif", save_all=True, append_images=[second], duration=200)
+    result = client.predict(handle_file(str(tmp_path / "anim.gif")), api_name="/predict")
+    assert result["label"] == "frog"
+
+
+def test_uploads_over_the_cap_are_refused(client, server, tmp_path):
+    big = tmp_path / "huge.png"
+    big.write_bytes(os.urandom(int(UPLOAD_CAP_MB * 1e6) + 1000))
+    # gradio_client reads the cap from the app and refuses before sending...
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 500000 bytes"):
+        client.predict(handle_file(str(big)), api_name="/predict")
+    # ...and a client that ignores it is stopped by the server.
+    with big.open("rb") as f:
+        response = httpx.post(f"{server}gradio_api/upload", files={"files": f}, timeout=30)
+    assert response.status_code == 413 and "maximum allowed size of 500000" in response.text
+
+
+def test_upload_payload_checks():
+    png = png_claiming(16, 16)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert upload_bytes({"url": url}, 10**6) == (png, "the upload")
+    with pytest.raises(ImageError, match="upload limit is 0.0 MB"):
+        upload_bytes({"url": url, "orig_name": "x.png"}, 10)
+    with pytest.raises(ImageError, match="no image given"):
+        upload_bytes(None, 10**6)
+    with pytest.raises(ImageError, match="did not reach the server"):
+        upload_bytes({"orig_name": "x.png"}, 10**6)
+
+
+def test_error_messages_are_html_escaped(catalog):
+    import gradio as gr
+
+    handlers = DemoHandlers(catalog, max_upload_bytes=10**6)
+    url = "data:text/plain;base64," + base64.b64encode(b"not an image").decode()
+    with pytest.raises(gr.Error) as info:
+        handlers.predict({"url": url, "orig_name": "<img src=x onerror=alert(1)>.png"})
+    assert "<img" not in info.value.message and "&lt;img" in info.value.message
+
+
+# --- what the server exposes -----------------------------------------------------------------
+
+
+def test_only_the_shown_images_can_be_downloaded(server, catalog):
+    served = catalog.get("stl10-net")
+    allowed = [served.failures[0].path, served.confusion_matrix, catalog.examples["cifar10"][0]]
+    refused = [
+        served.folder / "model.onnx",
+        served.folder / "metrics.json",
+        served.folder / "failures.json",
+        Path(__file__),
+        Path("/etc/passwd"),
+    ]
+    for path in allowed:
+        assert httpx.get(f"{server}gradio_api/file={path}", timeout=10).status_code == 200, path
+    for path in refused:
+        assert httpx.get(f"{server}gradio_api/file={path}", timeout=10).status_code == 403, path
+
+
+def test_the_api_does_not_read_server_paths(server, catalog):
+    """preprocess=False hands the raw payload over, so check Gradio still refuses foreign paths."""
+    for path in ("/etc/hostname", str(catalog.examples["cifar10"][0])):
+        payload = {"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, None]}
+        event = httpx.post(f"{server}gradio_api/call/predict", json=payload, timeout=10).json()
+        stream = httpx.get(f"{server}gradio_api/call/predict/{event['event_id']}", timeout=30)
+        assert stream.text.startswith("event: error"), stream.text
+        assert "label" not in stream.text
+
+
+def test_only_predict_is_public(client):
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == [
+        "/predict"
+    ]
+
+
+def test_safe_defaults(monkeypatch, server):
+    monkeypatch.delenv("TOOLKIT_AUTH", raising=False)
+    args = parse_args([])
+    assert (args.host, args.port, args.share, args.auth) == ("127.0.0.1", 7860, False, None)
+    assert args.artifacts == Path("artifacts") and args.max_upload_mb == 10
+    assert server.startswith("http://127.0.0.1:")
+    monkeypatch.setenv("TOOLKIT_AUTH", "ana:s3:cret")
+    assert parse_args([]).auth == ("ana", "s3:cret")
+    assert parse_args(["--auth", "bo:pw"]).auth == ("bo", "pw")
+    for bad in ("nocolon", ":pw", "user:"):
+        with pytest.raises(ValueError, match="user:password"):
+            parse_auth(bad)
+
+
+def test_auth_is_required_when_set(served_artifacts):
+    example_image = handle_file(str(example(served_artifacts, "cifar10", "cat")))
+    with running_demo(served_artifacts, auth=("ana", "secret")) as url:
+        assert httpx.get(f"{url}config", timeout=10).status_code == 401
+        with pytest.raises(Exception):  # noqa: B017 - the client raises different types here
+            Client(url, verbose=False).predict(example_image, api_name="/predict")
+        authed = Client(url, auth=("ana", "secret"), verbose=False)
+        assert authed.predict(example_image, api_name="/predict")["label"] == "cat"
+
+
+# --- `python -m serving.app` -------------------------------------------------------------------
+
+
+def test_module_entry_point_serves(served_artifacts):
+    result = smoke_test_module_app(
+        sys.executable, ROOT, served_artifacts, example(served_artifacts, "cifar10", "deer")
+    )
+    assert result["label"] == "deer"
+
+
+def test_broken_artifacts_stop_the_server_naming_the_file(served_artifacts, tmp_path):
+    broken = shutil.copytree(served_artifacts, tmp_path / "artifacts")
+    (broken / "stl10-net" / "model.onnx").unlink()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.app",
+            "--artifacts",
+            str(broken),
+            "--port",
+            str(free_port()),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"error: '{broken.resolve() / 'stl10-net' / 'model.onnx'}' is missing" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_serving_requirements_alone_run_the_app(served_artifacts, tmp_path):
+    """What the Dockerfile builds: a fresh venv from serving/requirements.txt, only serving/
+    and artifacts/ beside it (no torch, no toolkit), then the smoke test against it."""
+    image = tmp_path / "app"
+    shutil.copytree(
+        ROOT / "serving", image / "serving", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copytree(served_artifacts, image / "artifacts")
+    venv.create(tmp_path / "venv", with_pip=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    requirements = image / "serving" / "requirements.txt"
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "-r", str(requirements)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    probe = subprocess.run([python, "-c", "import torch"], capture_output=True, timeout=60)
+    assert probe.returncode != 0, "torch must not be in the serving environment"
+    result = smoke_test_module_app(
+        python, image, Path("artifacts"), example(served_artifacts, "cifar10", "horse")
+    )
+    assert result["label"] == "horse"
+
+
+def _instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    joined = dockerfile.replace("\\\n", " ")
+    lines = [line.strip() for line in joined.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def test_dockerfile_matches_the_tested_environment():
+    steps = _instructions((ROOT / "Dockerfile").read_text())
+    kinds = [kind for kind, _ in steps]
+    assert steps[0][0] == "FROM" and steps[0][1].startswith("python:") and "slim" in steps[0][1]
+    assert ("RUN", "pip install -r serving/requirements.txt") in steps
+    copied = [args.split()[0] for kind, args in steps if kind in ("COPY", "ADD")]
+    assert copied == ["serving/requirements.txt", "serving/", "artifacts/"]
+    user = [args for kind, args in steps if kind == "USER"]
+    assert user and user[-1] not in ("root", "0")
+    assert kinds.index("USER") < kinds.index("CMD")
+    assert ("EXPOSE", "7860") in steps and "HEALTHCHECK" in kinds
+    command = json.loads(dict(steps)["CMD"])
+    assert command[:3] == ["python", "-m", "serving.app"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    requirements = (ROOT / "serving" / "requirements.txt").read_text().splitlines()
+    pins = [line.strip() for line in requirements if line.strip() and not line.startswith("#")]
+    assert all(re.fullmatch(r"[a-z_-]+==[0-9][0-9a-z.]*", pin) for pin in pins), pins
+    names = sorted(pin.split("==")[0] for pin in pins)
+    assert names == ["gradio", "numpy", "onnxruntime", "pillow"]
