@@ -25,10 +25,10 @@ from toolkit.train import TrainConfig, fit, read_metrics
 # name -> (model, model options, recipe, epochs); the order is the order they train in.
 PLAN = {
     "net-default-5": ("net", {}, "default", 5),
-    "net-seed-30": ("net", {}, "seed", 30),
     "net-default-30": ("net", {}, "default", 30),
     "lenet5-default-30": ("lenet5", {}, "default", 30),
     "resnet10-default-20": ("resnet10", {}, "default", 20),
+    "net-seed-30": ("net", {}, "seed", 30),
     "mlp-default-15": ("mlp", {}, "default", 15),
     "net2-default-15": ("net2", {}, "default", 15),
     "lenet5-seed-30": ("lenet5", {}, "seed", 30),

@@ -52,3 +52,10 @@ def real_cifar10() -> Path:
     if not (path / "train").is_dir():
         pytest.skip(f"real CIFAR-10 not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def served_artifacts(tmp_path_factory, trained_run, cifar_folder) -> Path:
+    from tests.served import build_served_artifacts
+
+    return build_served_artifacts(tmp_path_factory, trained_run, cifar_folder)

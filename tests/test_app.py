@@ -26,23 +26,18 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from serving.app import (
-    DemoHandlers,
-    build_demo,
-    card_markdown,
-    launch,
-    parse_args,
-    parse_auth,
-    upload_bytes,
-)
+from serving.app import build_demo, launch, parse_args, parse_auth
+from serving.card import card_markdown
 from serving.catalog import Catalog, load_catalog
+from serving.handlers import DemoHandlers, upload_bytes
 from serving.images import ImageError, open_upload
+from tests.served import build_served_artifacts, png_claiming, truncated
 from tests.synthetic import CIFAR_CLASSES, STL10_CLASSES
-from tests.test_serving import build_served_artifacts, png_claiming, truncated
 
 ROOT = Path(__file__).resolve().parents[1]
 UPLOAD_CAP_MB = 0.5  # small, so the over-the-cap test needs no huge file
 STARTUP_TIMEOUT_S = 60
+REQUEST_TIMEOUT_S = 60  # no test may hang on a stuck server
 
 
 # --- servers ---------------------------------------------------------------------------------
@@ -92,7 +87,7 @@ def smoke_test_module_app(python: str, cwd: Path, artifacts: Path, example: Path
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_until_up(url, process, STARTUP_TIMEOUT_S)
-        return Client(url, verbose=False).predict(handle_file(str(example)), api_name="/predict")
+        return ask(connect(url), handle_file(str(example)))
     finally:
         process.terminate()
         try:
@@ -121,7 +116,7 @@ def server(served_artifacts) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def client(server) -> Client:
-    return Client(server, verbose=False)
+    return connect(server)
 
 
 def example(artifacts: Path, dataset: str, name: str) -> Path:
@@ -134,6 +129,15 @@ def top5(catalog: Catalog, model: str, path: Path) -> dict[str, float]:
     return served.classifier.top_k(served.classifier.predict([open_upload(path)])[0])
 
 
+def connect(url: str, **options) -> Client:
+    return Client(url, verbose=False, httpx_kwargs={"timeout": REQUEST_TIMEOUT_S}, **options)
+
+
+def ask(client: Client, *inputs):
+    """client.predict with a deadline: the /predict answer, or its error raised here."""
+    return client.submit(*inputs).result(timeout=REQUEST_TIMEOUT_S)
+
+
 def as_dict(label: dict) -> dict[str, float]:
     return {c["label"]: c["confidence"] for c in label["confidences"]}
 
@@ -143,7 +147,7 @@ def as_dict(label: dict) -> dict[str, float]:
 
 def test_predict_returns_the_top5_label(client, catalog, served_artifacts):
     path = example(served_artifacts, "cifar10", "cat")
-    result = client.predict(handle_file(str(path)), "cifar10-net", api_name="/predict")
+    result = ask(client, handle_file(str(path)), "cifar10-net")
     assert result["label"] == "cat"
     confidences = [c["confidence"] for c in result["confidences"]]
     assert len(confidences) == 5 and confidences == sorted(confidences, reverse=True)
@@ -154,11 +158,11 @@ def test_predict_returns_the_top5_label(client, catalog, served_artifacts):
 
 def test_default_model_is_the_most_accurate(client, catalog, served_artifacts):
     path = example(served_artifacts, "stl10", "horse")
-    default = client.predict(handle_file(str(path)), api_name="/predict")
+    default = ask(client, handle_file(str(path)))
     assert catalog.default == "cifar10-net"
     assert set(as_dict(default)) <= set(CIFAR_CLASSES)
     assert as_dict(default) == pytest.approx(top5(catalog, "cifar10-net", path), abs=1e-6)
-    stl = client.predict(handle_file(str(path)), "stl10-net", api_name="/predict")
+    stl = ask(client, handle_file(str(path)), "stl10-net")
     assert set(as_dict(stl)) <= set(STL10_CLASSES) and "monkey" in STL10_CLASSES
     assert as_dict(stl) == pytest.approx(top5(catalog, "stl10-net", path), abs=1e-6)
 
@@ -167,7 +171,7 @@ def test_known_failures_are_reproduced_through_the_api(client, catalog):
     failures = catalog.get("stl10-net").failures
     assert failures
     for failure in failures:
-        result = client.predict(handle_file(str(failure.path)), "stl10-net", api_name="/predict")
+        result = ask(client, handle_file(str(failure.path)), "stl10-net")
         assert result["label"] == failure.predicted != failure.true
         assert result["confidences"][0]["confidence"] == pytest.approx(failure.confidence, abs=1e-4)
 
@@ -182,6 +186,8 @@ def test_gallery_clicks_run_the_clicked_image(catalog):
     assert Path(shown) == failure.path
     assert next(iter(label)) == failure.predicted
     assert timing["model"] == "stl10-net" and timing["model_ms"] > 0
+    # With no image on screen a model switch must not wipe what a click just showed.
+    assert handlers.reclassify(None, "stl10-net") == (gr.skip(), gr.skip())
     click = gr.SelectData(None, {"index": 4, "value": None})
     shown, label, _ = handlers.run_example("cifar10-net", click)
     assert Path(shown) == catalog.examples["cifar10"][4]
@@ -231,19 +237,17 @@ def test_bad_uploads_get_a_specific_error_and_the_server_keeps_serving(
     data, message = BAD_UPLOADS[name]
     (tmp_path / name).write_bytes(data)
     with pytest.raises(AppError, match=message):
-        client.predict(handle_file(str(tmp_path / name)), api_name="/predict")
-    good = client.predict(
-        handle_file(str(example(served_artifacts, "cifar10", "ship"))), api_name="/predict"
-    )
+        ask(client, handle_file(str(tmp_path / name)))
+    good = ask(client, handle_file(str(example(served_artifacts, "cifar10", "ship"))))
     assert good["label"] == "ship"
 
 
 def test_missing_image_and_unknown_model(client, served_artifacts):
     with pytest.raises(AppError, match="no image given"):
-        client.predict(None, api_name="/predict")
+        ask(client, None)
     path = handle_file(str(example(served_artifacts, "cifar10", "dog")))
     with pytest.raises(AppError, match="unknown model 'imagenet-vit'; choose one of: cifar10-net"):
-        client.predict(path, "imagenet-vit", api_name="/predict")
+        ask(client, path, "imagenet-vit")
 
 
 def test_animated_gif_is_classified_by_its_first_frame(client, served_artifacts, tmp_path):
@@ -252,7 +256,7 @@ def test_animated_gif_is_classified_by_its_first_frame(client, served_artifacts,
     first = Image.open(example(served_artifacts, "cifar10", "frog")).convert("RGB")
     second = Image.open(example(served_artifacts, "cifar10", "truck")).convert("RGB")
     first.save(tmp_path / "anim.gif", save_all=True, append_images=[second], duration=200)
-    result = client.predict(handle_file(str(tmp_path / "anim.gif")), api_name="/predict")
+    result = ask(client, handle_file(str(tmp_path / "anim.gif")))
     assert result["label"] == "frog"
 
 
@@ -261,7 +265,7 @@ def test_uploads_over_the_cap_are_refused(client, server, tmp_path):
     big.write_bytes(os.urandom(int(UPLOAD_CAP_MB * 1e6) + 1000))
     # gradio_client reads the cap from the app and refuses before sending...
     with pytest.raises(ValueError, match="exceeds the maximum file size of 500000 bytes"):
-        client.predict(handle_file(str(big)), api_name="/predict")
+        ask(client, handle_file(str(big)))
     # ...and a client that ignores it is stopped by the server.
     with big.open("rb") as f:
         response = httpx.post(f"{server}gradio_api/upload", files={"files": f}, timeout=30)
@@ -344,9 +348,9 @@ def test_auth_is_required_when_set(served_artifacts):
     with running_demo(served_artifacts, auth=("ana", "secret")) as url:
         assert httpx.get(f"{url}config", timeout=10).status_code == 401
         with pytest.raises(Exception):  # noqa: B017 - the client raises different types here
-            Client(url, verbose=False).predict(example_image, api_name="/predict")
-        authed = Client(url, auth=("ana", "secret"), verbose=False)
-        assert authed.predict(example_image, api_name="/predict")["label"] == "cat"
+            ask(connect(url), example_image)
+        authed = connect(url, auth=("ana", "secret"))
+        assert ask(authed, example_image)["label"] == "cat"
 
 
 # --- `python -m serving.app` -------------------------------------------------------------------

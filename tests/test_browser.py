@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.served import build_served_artifacts, truncated
 from tests.test_app import running_demo
-from tests.test_serving import build_served_artifacts, truncated
 
 CHROMIUM = Path(os.environ.get("TOOLKIT_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [

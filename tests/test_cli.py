@@ -123,3 +123,9 @@ def test_bad_input_is_one_red_line_and_exit_2(args, message):
     assert message in result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_package_needs_an_evaluated_and_exported_run(trained_run, tmp_path):
+    result = invoke("package", trained_run, "--artifacts", tmp_path / "artifacts")
+    assert result.exit_code == 2
+    assert "toolkit evaluate" in result.output and "toolkit export" in result.output

@@ -73,8 +73,12 @@ def _summary(title: str, values: dict) -> Table:
 
 
 def _fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1 else f"{value:,.1f}"
+        if abs(value) < 1:
+            return f"{value:.4f}"
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:,.1f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -139,8 +143,10 @@ def train_cmd(
     lr: float = typer.Option(None, help="(Peak) learning rate."),
     momentum: float = typer.Option(None),
     l2: float = typer.Option(None, help="Weight decay (what the reference calls L2)."),
-    schedule: str = typer.Option(None, help="none, step, cosine or onecycle."),
+    schedule: str = typer.Option(None, help="none, step, cosine, onecycle or linear."),
+    warmup_epochs: float = typer.Option(None, help="Linear warm-up (cosine, linear schedules)."),
     augment: bool = typer.Option(None, "--augment/--no-augment", help="Batch crop + flip."),
+    cutout: int = typer.Option(None, help="Zero a random NxN square per image (0: off)."),
     label_smoothing: float = typer.Option(None),
     grad_clip: float = typer.Option(None, help="Clip the gradient norm (0: off)."),
     dropout: float = typer.Option(None, help="Dropout probability, where the model has it."),
@@ -148,6 +154,12 @@ def train_cmd(
     width: int = typer.Option(None, help="First-stage channels, where the model has it."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    amp: str = typer.Option(
+        "auto", help="auto (bf16 on a GPU, off on the CPU), off, bf16 or fp16 autocast."
+    ),
+    compile_model: bool = typer.Option(
+        False, "--compile/--no-compile", help="torch.compile the model (first epoch compiles)."
+    ),
     run_dir: Path = typer.Option(None, help="Run folder (default runs/<dataset>-<model>-<time>)."),
     resume: Path = typer.Option(None, help="Continue the run in this folder exactly."),
 ):
@@ -179,6 +191,8 @@ def train_cmd(
                 augment=augment,
                 label_smoothing=label_smoothing,
                 grad_clip=grad_clip,
+                warmup_epochs=warmup_epochs,
+                cutout=cutout,
                 seed=seed,
             ),
         )
@@ -192,7 +206,14 @@ def train_cmd(
             download=download,
         )
         config = TrainConfig(
-            model=model, model_options=options, data=data, recipe=recipe, device=device, **values
+            model=model,
+            model_options=options,
+            data=data,
+            recipe=recipe,
+            device=device,
+            amp=amp,
+            compile=compile_model,
+            **values,
         )
         result = fit(config, run_dir=run_dir)
     console.print(
@@ -232,8 +253,10 @@ def evaluate_cmd(
     summary = evaluate_run(resolve_run(run), split=split, device=device)
     console.print(
         _summary(
-            f"{summary['split']} split of {summary['run']}",
+            "evaluation",
             {
+                "run": summary["run"],
+                "split": summary["split"],
                 "images": summary["n"],
                 "accuracy": summary["accuracy"],
                 "loss": summary["loss"],
@@ -255,6 +278,59 @@ def compare_cmd(
 
     rows = compare_runs(runs, out_dir=out)
     console.print(_table("comparison", rows))
+
+
+# --- reproduce -------------------------------------------------------------------------------
+
+
+@app.command("reproduce")
+@friendly_errors
+def reproduce_cmd(
+    dataset: str = typer.Option("cifar10", help="cifar10 or stl10."),
+    recipe: str = typer.Option("both", help="seed, default or both (both: time-to-reference)."),
+    epochs: int = typer.Option(None, help="Epochs of every run (default: each recipe's own)."),
+    out: Path = typer.Option(None, help="Report folder (default reports/<dataset>)."),
+    only: list[str] = typer.Option(None, help="Only these experiments (repeat the option)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, train nothing."),
+    data_dir: Path = typer.Option(None, help=DATA_DIR_HELP),
+    splits: Path = typer.Option(None, help=SPLITS_HELP),
+    data_root: Path = typer.Option(None, help=DATA_ROOT_HELP),
+    download: bool = typer.Option(True, help="Download the official files when missing."),
+    image_size: int = typer.Option(None, help="Train at this size (STL-10: 32 default)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Every seed experiment of DATASET: train, evaluate, export, then OUT/report.md."""
+    import csv
+
+    from toolkit.data import DataOptions
+    from toolkit.reproduce import build_plan, execute, plan_lines
+
+    data = DataOptions(
+        dataset=dataset,
+        data_dir=_abs(data_dir),
+        splits=_abs(splits),
+        data_root=_abs(data_root),
+        image_size=image_size,
+        download=download,
+    )
+    out = out or Path("reports") / dataset
+    plan = build_plan(dataset, recipe, out, data, epochs=epochs, device=device, only=only)
+    if dry_run:
+        for line in plan_lines(plan):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return
+    outcome = execute(plan, out)
+    with open(out / "results.csv", newline="") as f:
+        rows = [
+            {k: float(v) if k.endswith("acc") and v else v for k, v in r.items()}
+            for r in csv.DictReader(f)
+        ]
+    columns = ["experiment", "recipe", "epochs", "best_val_acc", "test_acc", "reference_acc"]
+    console.print(_table("reproduce results", rows, columns))
+    console.print(f"report: {outcome.report}", highlight=False, soft_wrap=True)
+    if outcome.interrupted:
+        console.print(f"interrupted in {outcome.interrupted}; run the same command to continue")
+        raise typer.Exit(130)
 
 
 # --- export / bench --------------------------------------------------------------------------
@@ -291,6 +367,21 @@ def bench_cmd(paths: list[Path] = typer.Argument(..., help="model.onnx files (or
     print_bench(bench_models(paths), console)
 
 
+@app.command("package")
+@friendly_errors
+def package_cmd(
+    run: Path = typer.Argument(None, help="Evaluated and exported run (default: the latest)."),
+    artifacts: Path = typer.Option(Path("artifacts"), help="Artifacts folder the app serves."),
+    name: str = typer.Option(None, help="Folder name (default <dataset>-<model>)."),
+):
+    """Copy a run's ONNX model, card and known failures into the artifacts the app serves."""
+    from toolkit.package import package_run
+    from toolkit.runs import resolve_run
+
+    target = package_run(resolve_run(run), artifacts, name)
+    console.print(f"packaged into {target}; serve with: toolkit serve --artifacts {artifacts}")
+
+
 # --- serve -----------------------------------------------------------------------------------
 
 
@@ -302,6 +393,7 @@ def serve_cmd(
     port: int = typer.Option(7860),
     auth: str = typer.Option(None, help="user:password (or $TOOLKIT_AUTH)."),
     share: bool = typer.Option(False, "--share", help="Ask Gradio for a public share link."),
+    max_upload_mb: float = typer.Option(10.0, help="Largest accepted upload in MB."),
 ):
     """Serve the exported models in a Gradio web app (onnxruntime, no torch)."""
     from serving.app import main as serve_main
@@ -309,6 +401,7 @@ def serve_cmd(
     argv = ["--artifacts", str(artifacts), "--host", host, "--port", str(port)]
     argv += ["--auth", auth] if auth else []
     argv += ["--share"] if share else []
+    argv += ["--max-upload-mb", str(max_upload_mb)]
     serve_main(argv)
 
 

@@ -1,11 +1,18 @@
 """The training engine: uint8 tensors on the device, augmentation on whole batches.
 
 In the spirit of airbench/nanoGPT: no DataLoader, no per-image PIL work. A batch is indexed
-out of one uint8 tensor, augmented with tensor ops, scaled to [0, 1] and normalised.
+out of one uint8 tensor, scaled to [0, 1], normalised, augmented with tensor ops and fed to
+the net in channels_last, optionally under autocast (bf16/fp16) and torch.compile.
+
+Under DDP (see toolkit.distributed) every rank walks the same seeded order of global
+batches and trains on its contiguous chunk of each; augmentation is drawn for the whole
+global batch and then sliced, so each image is augmented exactly as in a single-process run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -14,14 +21,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.data import Split
+from toolkit.distributed import SINGLE, Context
+from toolkit.errors import ToolkitError
 from toolkit.progress import progress_bar
 
 CROP_PADDING = 4
+# No-grad evaluation needs no activations kept for backward: big batches amortise the
+# per-call overhead (and on a GPU fill it) at a small, bounded memory cost.
+EVAL_BATCH_SIZE = 1024
+# torch.compile's backend; tests swap in "eager" to exercise the path without C++ codegen.
+COMPILE_BACKEND = "inductor"
+# How often (in steps) the loss is checked for divergence and the progress line refreshed:
+# each check is a host-device sync, which a GPU should not pay every step.
+SYNC_EVERY = 20
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    from toolkit.errors import ToolkitError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -31,7 +46,148 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def configure_backends(device: torch.device) -> dict:
+    """Fast kernel choices for `device`; returns what was set (recorded in config.json)."""
+    if device.type != "cuda":
+        return {"cudnn_benchmark": False, "tf32_matmul": False}
+    # Input shapes are fixed per run, so cuDNN's one-off autotuning per shape pays back.
+    torch.backends.cudnn.benchmark = True
+    # TF32 for the fp32 matmuls/convs left outside autocast (Ampere and later).
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return {"cudnn_benchmark": True, "tf32_matmul": True}
+
+
+# --- mixed precision -------------------------------------------------------------------------
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How forward passes run: under autocast to `dtype`, or in fp32 when dtype is None."""
+
+    name: str  # "off", "bf16" or "fp16": what config.json records
+    dtype: torch.dtype | None = None
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
+        """fp16's narrow exponent underflows small gradients, so it needs loss scaling;
+        bf16 has fp32's range and needs none."""
+        return torch.amp.GradScaler(device.type) if self.name == "fp16" else None
+
+
+FP32 = Precision("off")
+
+
+def resolve_amp(mode: str, device: torch.device, bf16_supported: bool | None = None) -> Precision:
+    """`--amp` -> Precision. auto: bf16 on a CUDA GPU that has it (else fp16), fp32 on the CPU.
+
+    `bf16_supported` defaults to asking the GPU; tests pass it to check the logic anywhere.
+    """
+    if mode not in AMP_MODES:
+        raise ToolkitError(f"unknown --amp '{mode}'; choose one of: {', '.join(AMP_MODES)}")
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return FP32
+    if mode == "fp16" and device.type != "cuda":
+        raise ToolkitError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or --amp off")
+    if mode == "auto":
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        mode = "bf16" if bf16_supported else "fp16"
+    return Precision(mode, torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def compile_in_place(net: nn.Module) -> nn.Module:
+    """torch.compile the module in place (nn.Module.compile): no `_orig_mod` wrapper, so its
+    state_dict and checkpoints keep the plain names, and DDP can wrap it as documented."""
+    net.compile(backend=COMPILE_BACKEND)
+    return net
+
+
+# --- data on the device, batches, augmentation -----------------------------------------------
+
+
+def on_device(split: Split, device: torch.device) -> Split:
+    """The split's uint8 images and labels moved to `device` once, for the whole run."""
+    return Split(split.images.to(device), split.labels.to(device))
+
+
+def epoch_batches(
+    n: int, batch_size: int, generator: torch.Generator, world_size: int = 1
+) -> list[torch.Tensor]:
+    """A seeded random order of range(n), cut into global batches of `batch_size`.
+
+    A last batch too small to give every rank two images is dropped (BatchNorm cannot train
+    on one image; with one process this drops only a batch of one).
+    """
+    batches = list(torch.randperm(n, generator=generator).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2 * world_size:
+        batches.pop()
+    return batches
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """len(epoch_batches(n, batch_size, ..., world_size)) without drawing an order."""
+    steps = math.ceil(n / batch_size)
+    last = n - (steps - 1) * batch_size
+    if steps > 1 and last < 2 * world_size:
+        steps -= 1
+    return steps
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """Per-image augmentation parameters of one batch: crop offsets, flips, cutout corners.
+
+    Drawn for the global batch, then `select`ed per rank, so the augmentation an image gets
+    does not depend on how many processes train.
+    """
+
+    dy: torch.Tensor | None = None  # crop offsets in [0, 2 * CROP_PADDING]
+    dx: torch.Tensor | None = None
+    flip: torch.Tensor | None = None  # bool
+    cut_y: torch.Tensor | None = None  # top-left corner of the cutout square
+    cut_x: torch.Tensor | None = None
+    cutout: int = 0
+
+    @classmethod
+    def draw(
+        cls, n: int, size: tuple[int, int], generator: torch.Generator, crop_flip: bool, cutout: int
+    ) -> BatchAugment:
+        h, w = size
+        values: dict = {"cutout": cutout}
+        if crop_flip:
+            values["dy"] = torch.randint(0, 2 * CROP_PADDING + 1, (n,), generator=generator)
+            values["dx"] = torch.randint(0, 2 * CROP_PADDING + 1, (n,), generator=generator)
+            values["flip"] = torch.rand(n, generator=generator) < 0.5
+        if cutout:
+            if cutout > min(h, w):
+                raise ValueError(f"cutout {cutout} is larger than the {h}x{w} images")
+            values["cut_y"] = torch.randint(0, h - cutout + 1, (n,), generator=generator)
+            values["cut_x"] = torch.randint(0, w - cutout + 1, (n,), generator=generator)
+        return cls(**values)
+
+    def select(self, part: slice) -> BatchAugment:
+        """The parameters of the images `part` of the batch."""
+        pick = {k: getattr(self, k) for k in ("dy", "dx", "flip", "cut_y", "cut_x")}
+        return BatchAugment(
+            **{k: v[part] if v is not None else None for k, v in pick.items()}, cutout=self.cutout
+        )
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        if self.dy is not None:
+            images = _crop_flip(images, self.dy, self.dx, self.flip)
+        if self.cutout:
+            images = _cutout(images, self.cut_y, self.cut_x, self.cutout)
+        return images
+
+
+def _crop_flip(images: torch.Tensor, dy, dx, flip) -> torch.Tensor:
     """Random crop with reflect padding + horizontal flip, per image, on a float batch.
 
     Two gathers (rows, then columns) instead of a Python loop over images: the same code is
@@ -40,15 +196,30 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.
     n, c, h, w = images.shape
     p = CROP_PADDING
     device = images.device
+    dy, dx, flip = dy.to(device), dx.to(device), flip.to(device)
     padded = F.pad(images, (p, p, p, p), mode="reflect")
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
     rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
     cropped = padded.gather(2, rows.expand(n, c, h, w + 2 * p))
     cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
     cropped = cropped.gather(3, cols.expand(n, c, h, w))
-    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+def _cutout(images: torch.Tensor, cut_y, cut_x, size: int) -> torch.Tensor:
+    """Zero a size×size square per image: in normalised space 0 is the dataset's mean colour."""
+    _, _, h, w = images.shape
+    device = images.device
+    ys = torch.arange(h, device=device)[None, :, None]
+    xs = torch.arange(w, device=device)[None, None, :]
+    y0, x0 = cut_y.to(device)[:, None, None], cut_x.to(device)[:, None, None]
+    inside = (ys >= y0) & (ys < y0 + size) & (xs >= x0) & (xs < x0 + size)
+    return images.masked_fill(inside[:, None], 0.0)
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (reflect padding) + horizontal flip of every image of a float batch."""
+    params = BatchAugment.draw(len(images), images.shape[-2:], generator, True, 0)
+    return params.apply(images)
 
 
 class Normalizer:
@@ -59,9 +230,17 @@ class Normalizer:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        # channels_last: convolutions run ~2x faster in it on the CPU, and on CUDA too.
         x = (images.float().div_(255) - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
+        return to_channels_last(x)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    # Convolutions run ~2x faster in channels_last on the CPU (oneDNN) and on CUDA (tensor
+    # cores); the nets are moved to it too, so no layout conversion happens inside them.
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# --- one epoch -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -72,61 +251,115 @@ class EpochResult:
     images_per_second: float
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """What shapes one optimisation step besides the net and the data."""
+
+    batch_size: int  # global: split across ranks
+    augment: bool = False  # crop + flip
+    cutout: int = 0  # side of the zeroed square, 0: off
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0
+    precision: Precision = FP32
+
+
+class _QuietBar:
+    def advance(self, n: int = 1, **fields) -> None: ...
+
+    def update(self, **fields) -> None: ...
+
+
+def _progress(show: bool, total: int, description: str):
+    return progress_bar(total, description) if show else contextlib.nullcontext(_QuietBar())
+
+
+def _backward_and_step(loss, net, optimizer, scaler, grad_clip: float) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+    scaler.update()
+
+
 def train_one_epoch(
     net: nn.Module,
     split: Split,
     normalize: Normalizer,
     optimizer: torch.optim.Optimizer,
     scheduler,
+    options: StepOptions,
     *,
-    batch_size: int,
-    augment: bool,
-    label_smoothing: float,
-    grad_clip: float | None,
     generator: torch.Generator,
     device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+    dist: Context = SINGLE,
     description: str = "train",
 ) -> EpochResult:
-    """One pass over `split` in a seeded random order; the scheduler steps every batch."""
+    """One pass over `split` in a seeded random order; the scheduler steps every batch.
+
+    `net` may be DDP-wrapped; the returned loss and accuracy are over all ranks' images.
+    """
     net.train()
-    n = len(split)
-    order = torch.randperm(n, generator=generator)
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches.pop()  # BatchNorm cannot train on a batch of one
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    batches = epoch_batches(len(split), options.batch_size, generator, dist.world_size)
+    size = tuple(split.images.shape[-2:])
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.float64)
     seen = 0
     start = time.perf_counter()
-    with progress_bar(len(batches), description) as bar:
-        for step, idx in enumerate(batches):
-            images = split.images[idx].to(device, non_blocking=True)
+    with _progress(dist.is_main, len(batches), description) as bar:
+        for step, batch in enumerate(batches):
+            part = dist.shard(len(batch))
+            idx = batch[part].to(split.images.device)
+            x = normalize(split.images[idx].to(device, non_blocking=True))
             labels = split.labels[idx].to(device, non_blocking=True)
-            x = normalize(images)
-            if augment:
-                x = random_crop_flip(x, generator)
-            logits = net(x)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at batch {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-            optimizer.step()
+            if options.augment or options.cutout:
+                params = BatchAugment.draw(
+                    len(idx), size, generator, options.augment, options.cutout
+                )
+                x = to_channels_last(params.apply(x))
+            with options.precision.autocast(device):
+                logits = net(x)
+                loss = F.cross_entropy(logits, labels, label_smoothing=options.label_smoothing)
+            # DDP averages the ranks' gradients; weighting each rank's mean by its share of
+            # the batch makes that average the whole batch's mean even when chunks differ.
+            weight = len(idx) * dist.world_size / len(batch) if dist.is_distributed else 1.0
+            _backward_and_step(
+                loss * weight if weight != 1.0 else loss,
+                net,
+                optimizer,
+                scaler,
+                options.grad_clip,
+            )
             scheduler.step()
-            total_loss += loss.detach() * len(idx)
+            total_loss += loss.detach().double() * len(idx)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(idx)
-            if step % 20 == 0 or step == len(batches) - 1:
+            if step % SYNC_EVERY == 0 or step == len(batches) - 1:
+                # A NaN anywhere in the epoch stays in the running sum: checking it here
+                # catches divergence without a host sync every step.
+                if not torch.isfinite(total_loss):
+                    raise FloatingPointError(f"loss became {total_loss.item()} by batch {step}")
                 elapsed = time.perf_counter() - start
                 bar.update(
                     status=f"loss {total_loss.item() / seen:.3f} "
-                    f"acc {correct.item() / seen:.3f} {seen / elapsed:,.0f} img/s"
+                    f"acc {correct.item() / seen:.3f} {seen * dist.world_size / elapsed:,.0f} img/s"
                 )
             bar.advance(1)
+    totals = dist.sum(torch.stack([total_loss, correct, total_loss.new_tensor(seen)]))
+    loss_sum, correct_sum, seen_all = totals.tolist()
     seconds = time.perf_counter() - start
-    return EpochResult(total_loss.item() / seen, correct.item() / seen, seconds, seen / seconds)
+    return EpochResult(loss_sum / seen_all, correct_sum / seen_all, seconds, seen_all / seconds)
+
+
+# --- evaluation ------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -135,9 +368,12 @@ def predict_logits(
     images: torch.Tensor,
     normalize: Normalizer,
     device: torch.device,
-    batch_size: int = 1000,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> torch.Tensor:
-    """Logits for a uint8 N×C×H×W tensor, in large no-grad batches; returned on the CPU."""
+    """Logits for a uint8 N×C×H×W tensor, in large no-grad batches; returned on the CPU.
+
+    Puts `net` in eval mode: BatchNorm uses (and does not update) its running statistics.
+    """
     net.eval()
     out = [
         net(normalize(images[i : i + batch_size].to(device))).float().cpu()
@@ -151,10 +387,11 @@ def evaluate_split(
     split: Split,
     normalize: Normalizer,
     device: torch.device,
-    batch_size: int = 1000,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) on a split, no label smoothing."""
     logits = predict_logits(net, split.images, normalize, device, batch_size)
-    loss = F.cross_entropy(logits, split.labels).item()
-    acc = (logits.argmax(1) == split.labels).float().mean().item()
+    labels = split.labels.cpu()
+    loss = F.cross_entropy(logits, labels).item()
+    acc = (logits.argmax(1) == labels).float().mean().item()
     return loss, acc

@@ -1,12 +1,13 @@
 """Model registry: a model is a name mapped to a builder(num_classes, input_size, **options).
 
-Every architecture here is taken from ../shared/SEED_EXPERIMENTS.md. The registered modules
-take *normalised* N×C×H×W float input; normalisation lives in `NormalizedClassifier`, which is
-what gets exported, so no client has to re-type mean/std.
+The seed architectures are taken from ../shared/SEED_EXPERIMENTS.md; `resnet9` is the fast
+residual model that goes beyond them. The registered modules take *normalised* N×C×H×W float
+input; normalisation lives in `NormalizedClassifier`, which is what gets exported, so no client
+has to re-type mean/std.
 
 Option conventions, kept uniform across models so both readings of the assignment can be run:
 - ``dropout``: Dropout2d(p) after every pooling stage of a CNN, Dropout(p) after every hidden
-  activation of the MLP;
+  activation of the MLP and before resnet9's linear head;
 - ``batch_norm``: BatchNorm where the reference put it for that model (see each builder);
 - ``width``: the first stage's channel count, later stages scale with it.
 """
@@ -254,3 +255,70 @@ def build_lenet5(num_classes, input_size, in_channels, dropout=0.0, batch_norm=F
         *act(84, 1),
         nn.Linear(84, num_classes),
     )
+
+
+# --- beyond the seeds ------------------------------------------------------------------------
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    # No conv bias: the BatchNorm right after it has its own shift.
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class Residual(nn.Module):
+    """x + body(x): two conv-BN-relu layers around an identity skip."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_bn_relu(channels, channels), *_conv_bn_relu(channels, channels)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Scale(nn.Module):
+    """Multiply by a constant (exports as one Mul)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+# The linear head's output is scaled down: with BN everywhere the pooled features are O(1), and
+# un-scaled logits make early training overconfident (the DAWNBench ResNet-9 uses 0.125 too).
+RESNET9_HEAD_SCALE = 0.125
+
+
+@register(
+    "resnet9",
+    "fast ResNet-9 (DAWNBench/airbench style): conv-BN-relu stages w, 2w (+residual), 4w, "
+    "8w (+residual), each widening one max-pooled, global max pool, scaled linear head",
+    options=("dropout", "width"),
+    width=64,
+)
+def build_resnet9(num_classes, input_size, in_channels, width=64, dropout=0.0):
+    _after_pools(input_size, 3, name="resnet9")  # three 2x pools before the global pool
+    w1, w2, w3, w4 = width, 2 * width, 4 * width, 8 * width
+    layers: list[nn.Module] = [
+        *_conv_bn_relu(in_channels, w1),
+        *_conv_bn_relu(w1, w2),
+        nn.MaxPool2d(2),
+        Residual(w2),
+        *_conv_bn_relu(w2, w3),
+        nn.MaxPool2d(2),
+        *_conv_bn_relu(w3, w4),
+        nn.MaxPool2d(2),
+        Residual(w4),
+        # Global max pool: any input size (32 px CIFAR, 96 px STL-10) gives one vector.
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+    ]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers += [nn.Linear(w4, num_classes, bias=False), Scale(RESNET9_HEAD_SCALE)]
+    return nn.Sequential(*layers)

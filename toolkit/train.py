@@ -2,14 +2,15 @@
 
 The pieces it wires are small and pure (engine.train_one_epoch, engine.evaluate_split); this
 module owns the run folder: config.json, metrics.csv, train.log, TensorBoard events,
-best.pt / last.pt, and exact resume.
+best.pt / last.pt, and exact resume. Under torchrun every rank runs `fit`; rank 0 alone
+writes the run folder (see toolkit.distributed for the conventions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -17,11 +18,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from toolkit import __version__
+from toolkit import __version__, distributed
 from toolkit.data import DataBundle, DataOptions, load_data
-from toolkit.engine import Normalizer, evaluate_split, pick_device, train_one_epoch
+from toolkit.engine import (
+    EVAL_BATCH_SIZE,
+    Normalizer,
+    Precision,
+    StepOptions,
+    compile_in_place,
+    configure_backends,
+    evaluate_split,
+    on_device,
+    pick_device,
+    resolve_amp,
+    steps_per_epoch,
+    train_one_epoch,
+)
 from toolkit.errors import ToolkitError
 from toolkit.models import count_parameters, create_model, resolve_options
+from toolkit.recipes import lr_factor, make_optimizer
 from toolkit.runs import (
     atomic_torch_save,
     atomic_write_json,
@@ -65,10 +80,15 @@ class TrainConfig:
     gamma: float = 0.5
     warmup_epochs: float = 0.0
     augment: bool = True
+    cutout: int = 0
     label_smoothing: float = 0.1
     grad_clip: float = 0.0
     seed: int = 0
     device: str = "auto"
+    # How the engine runs, not what it learns: --recipe seed keeps its meaning with any of
+    # these (config.json's "engine" block records what they resolved to).
+    amp: str = "auto"
+    compile: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -76,46 +96,6 @@ class TrainConfig:
         d["data"] = DataOptions(**d["data"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
-    params = net.parameters()
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=config.lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov and config.momentum > 0,
-            weight_decay=config.l2,
-        )
-    if config.optimizer == "adam":  # coupled L2, as the reference's Adam(weight_decay=...)
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.l2)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.l2)
-
-
-def lr_factor(config: TrainConfig, steps_per_epoch: int):
-    """Multiplier of the base lr at optimizer step `step` (LambdaLR: resumes from a counter)."""
-    total = config.epochs * steps_per_epoch
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if config.schedule == "none":
-            return 1.0
-        if config.schedule == "step":  # StepLR stepped per epoch, as the reference
-            return config.gamma ** ((step // steps_per_epoch) // config.step_size)
-        if config.schedule == "onecycle":
-            # Linear up to the peak at 25 % of training, linear down to zero.
-            peak = max(1, int(0.25 * total))
-            if step < peak:
-                return 0.04 + 0.96 * step / peak
-            return max(0.0, (total - step) / max(1, total - peak))
-        # cosine, with an optional linear warm-up
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 @dataclass
@@ -128,6 +108,7 @@ class RunResult:
     num_params: int
     checkpoint_bytes: int
     interrupted: bool = False
+    is_main: bool = True  # False on the ranks > 0 of a torchrun group, which print nothing
 
 
 class _RunLog:
@@ -175,164 +156,96 @@ def fit(
     data: DataBundle | None = None,
     resume: Path | None = None,
 ) -> RunResult:
-    """Train `config` into `run_dir` (or continue `resume`); returns the run's summary."""
-    start_epoch, history, best, state = 1, [], (0.0, 0), None
+    """Train `config` into `run_dir` (or continue `resume`); returns the run's summary.
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group and trains with DDP.
+    """
+    state = None
     if resume is not None:
         run_dir = Path(resume)
-        state = load_checkpoint(run_dir / "last.pt")
+        state = load_checkpoint(run_dir / "last.pt")  # every rank reads it: no broadcast
         config = TrainConfig.from_dict(state["config"])
-        start_epoch = state["epoch"] + 1
-        history = list(state["history"])
-        best = (state["best_val_acc"], state["best_epoch"])
-    options = resolve_options(config.model, **config.model_options)
-    device = pick_device(config.device)
+    resolve_options(config.model, **config.model_options)  # bad options fail before the group
+    with distributed.session(pick_device(config.device)) as (dist, device):
+        return _fit(config, run_dir, data, state, dist, device)
+
+
+@dataclass
+class _Setup:
+    """Everything `_fit` builds before the first epoch."""
+
+    net: nn.Module  # the plain model: evaluated and checkpointed
+    train_net: nn.Module  # what the optimizer steps through (DDP-wrapped under torchrun)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    precision: Precision
+    model_info: dict
+
+
+def _fit(config, run_dir, data, state, dist: distributed.Context, device) -> RunResult:
+    precision = resolve_amp(config.amp, device)
+    backends = configure_backends(device)
     if data is None:
-        data = load_data(config.data, seed=config.seed)
-    if state is not None and state["dataset"]["fingerprint"] != data.fingerprint:
-        raise ToolkitError(
-            f"the data of '{run_dir}' has changed since it started; resume needs the same files"
-        )
-    run_dir = Path(run_dir) if run_dir else new_run_dir(config.data.dataset, config.model)
-    _check_writable(run_dir)
-
-    torch.manual_seed(config.seed)  # initial weights
-    net = create_model(
-        config.model,
-        num_classes=data.spec.num_classes,
-        input_size=data.image_size,
-        in_channels=data.spec.channels,
-        **options,
-    )
-    net.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(config, net)
-    steps_per_epoch = _steps_per_epoch(len(data.train), config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))
-    if state is not None:
-        net.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-
-    num_params = count_parameters(net)
-    model_info = {
-        "name": config.model,
-        "options": options,
-        "num_classes": data.spec.num_classes,
-        "input_size": data.image_size,
-        "in_channels": data.spec.channels,
-    }
+        with dist.local_main_first():  # one decode per machine; the others read the cache
+            data = load_data(config.data, seed=config.seed)
+    _check_data(config, data, state, dist, run_dir)
+    run_dir = _agree_run_dir(run_dir, config, dist)
+    setup = _build(config, data, state, dist, device, precision)
     config_dict = asdict(config)
-    if state is None:
-        atomic_write_json(
-            run_dir / "config.json",
-            {
-                **config_dict,
-                "model_options": options,
-                "num_params": num_params,
-                "dataset_info": data.info(),
-                "val_is_carved": data.val_is_carved,
-                "sizes": {
-                    "train": len(data.train),
-                    "val": len(data.val),
-                    "test": len(data.test) if data.test is not None else 0,
-                },
-                "toolkit_version": __version__,
-                "torch_version": torch.__version__,
-                "created": datetime.now().isoformat(timespec="seconds"),
-            },
-        )
-
-    normalize = Normalizer(data.mean, data.std, device)
-    writer = _tensorboard(run_dir)
+    if state is None and dist.is_main:
+        engine = {
+            "device": str(device),
+            "amp": precision.name,
+            "compile": config.compile,
+            "channels_last": True,
+            **backends,
+            "eval_batch_size": EVAL_BATCH_SIZE,
+            "world_size": dist.world_size,
+            "distributed_backend": dist.backend,
+            "global_batch_size": config.batch_size,  # split across the processes
+        }
+        _write_config(run_dir, config_dict, setup, data, engine)
+    history = list(state["history"]) if state else []
+    best = (state["best_val_acc"], state["best_epoch"]) if state else (0.0, 0)
+    start_epoch = state["epoch"] + 1 if state else 1
+    writer = _tensorboard(run_dir) if dist.is_main else None
     interrupted = False
     epoch = start_epoch - 1
-    with _RunLog(run_dir):
+    with _RunLog(run_dir) if dist.is_main else contextlib.nullcontext():
         log.info(
-            "run %s: %s %s on %s (%d train / %d val), %d params, device %s",
+            "run %s: %s %s on %s (%d train / %d val), %d params, device %s, amp %s, "
+            "compile %s, %d process(es)",
             run_dir,
             config.model,
-            options,
+            setup.model_info["options"],
             data.spec.name,
             len(data.train),
             len(data.val),
-            num_params,
+            count_parameters(setup.net),
             device,
+            precision.name,
+            config.compile,
+            dist.world_size,
         )
+        train, val = on_device(data.train, device), on_device(data.val, device)
+        normalize = Normalizer(data.mean, data.std, device)
         try:
             for epoch in range(start_epoch, config.epochs + 1):
-                # Every epoch re-seeds from (seed, epoch): order, augmentation and dropout do
-                # not depend on what ran before, so a resumed run is bit-identical.
-                generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-                torch.manual_seed(config.seed * 100_003 + epoch)
-                lr = optimizer.param_groups[0]["lr"]
-                try:
-                    result = train_one_epoch(
-                        net,
-                        data.train,
-                        normalize,
-                        optimizer,
-                        scheduler,
-                        batch_size=config.batch_size,
-                        augment=config.augment,
-                        label_smoothing=config.label_smoothing,
-                        grad_clip=config.grad_clip,
-                        generator=generator,
-                        device=device,
-                        description=f"epoch {epoch}/{config.epochs}",
-                    )
-                except FloatingPointError as exc:
-                    raise ToolkitError(
-                        f"training diverged in epoch {epoch} ({exc}); the last good checkpoint "
-                        f"is {run_dir / 'last.pt'} (epoch {epoch - 1}); try a lower --lr"
-                    ) from exc
-                val_loss, val_acc = evaluate_split(net, data.val, normalize, device)
-                row = {
-                    "epoch": epoch,
-                    "train_loss": result.loss,
-                    "train_acc": result.acc,
-                    "val_loss": val_loss,
-                    "val_acc": val_acc,
-                    "lr": lr,
-                    "seconds": result.seconds,
-                    "img_per_s": result.images_per_second,
-                }
+                lr = setup.optimizer.param_groups[0]["lr"]  # the lr the epoch starts with
+                result = _train_epoch(config, setup, train, normalize, epoch, dist, device, run_dir)
+                # DDP synchronised the parameters; this syncs BatchNorm's running statistics,
+                # so every rank evaluates (and rank 0 saves) one and the same model.
+                dist.broadcast_buffers(setup.net)
+                # fp32, like `toolkit evaluate` and the ONNX export: best.pt's val accuracy is
+                # the one those report.
+                val_loss, val_acc = evaluate_split(setup.net, val, normalize, device)
+                row = _metrics_row(epoch, result, val_loss, val_acc, lr)
                 history.append(row)
-                log.info(
-                    "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
-                    epoch,
-                    result.loss,
-                    result.acc,
-                    val_loss,
-                    val_acc,
-                    result.seconds,
-                )
-                if writer is not None:
-                    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
-                        group, name = key.split("_", 1) if key != "lr" else ("opt", "lr")
-                        writer.add_scalar(f"{name}/{group}", row[key], epoch)
-                    writer.flush()
                 if val_acc > best[0]:
                     best = (val_acc, epoch)
-                ckpt = make_checkpoint(
-                    net=net,
-                    model_info=model_info,
-                    dataset_info=data.info(),
-                    epoch=epoch,
-                    metrics=row,
-                    best_val_acc=best[0],
-                    best_epoch=best[1],
-                    config=config_dict,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                )
-                ckpt["history"] = history
-                if best[1] == epoch:
-                    atomic_torch_save(run_dir / "best.pt", ckpt)
-                atomic_torch_save(run_dir / "last.pt", ckpt)
-                write_csv_rows(
-                    run_dir / "metrics.csv",
-                    METRIC_COLUMNS,
-                    [[r[c] for c in METRIC_COLUMNS] for r in history],
-                )
+                if dist.is_main:
+                    _record_epoch(run_dir, writer, setup, data, config_dict, history, best)
         except KeyboardInterrupt:
             interrupted = True
             log.warning(
@@ -345,6 +258,8 @@ def fit(
         finally:
             if writer is not None:
                 writer.close()
+        if dist.is_distributed and not interrupted:
+            _check_replicas(setup.net, dist)
 
     best_file = run_dir / "best.pt"
     return RunResult(
@@ -353,17 +268,232 @@ def fit(
         best_epoch=best[1],
         epochs_done=len(history),
         train_seconds=sum(r["seconds"] for r in history),
-        num_params=num_params,
+        num_params=count_parameters(setup.net),
         checkpoint_bytes=best_file.stat().st_size if best_file.exists() else 0,
         interrupted=interrupted,
+        is_main=dist.is_main,
     )
 
 
-def _steps_per_epoch(n: int, batch_size: int) -> int:
-    steps = math.ceil(n / batch_size)
-    if steps > 1 and n % batch_size == 1:
-        steps -= 1  # the batch of one that train_one_epoch drops
-    return steps
+def _check_data(config: TrainConfig, data: DataBundle, state, dist, run_dir) -> None:
+    """The data must be what a resumed run started on, the same on every rank, and fit
+    the batch/cutout settings."""
+    if state is not None and state["dataset"]["fingerprint"] != data.fingerprint:
+        raise ToolkitError(
+            f"the data of '{run_dir}' has changed since it started; resume needs the same files"
+        )
+    if len(set(dist.gather_objects(data.fingerprint))) > 1:
+        raise ToolkitError(
+            "the ranks loaded different data; every machine needs the same files "
+            "(--data-dir / --splits / --data-root)"
+        )
+    if config.cutout > data.image_size:
+        raise ToolkitError(
+            f"--cutout {config.cutout} is larger than the {data.image_size}px images"
+        )
+    need = 2 * dist.world_size  # every rank needs two images per step for BatchNorm
+    if dist.is_distributed and (config.batch_size < need or len(data.train) < need):
+        raise ToolkitError(
+            f"--batch-size {config.batch_size} is the global batch, split over "
+            f"{dist.world_size} processes; each needs at least 2 images per step: use "
+            f"--batch-size {need} or more (and at least {need} training images)"
+        )
+
+
+def _agree_run_dir(run_dir: Path | None, config: TrainConfig, dist) -> Path:
+    """Rank 0 picks (default name) and checks the run folder; every rank gets its path, or
+    the same error, so no rank is left waiting for the others."""
+    picked, error = None, None
+    if dist.is_main:
+        try:
+            picked = Path(run_dir) if run_dir else new_run_dir(config.data.dataset, config.model)
+            _check_writable(picked)
+        except ToolkitError as exc:
+            error = str(exc)
+    picked, error = dist.broadcast_object((str(picked) if picked else None, error))
+    if error:
+        raise ToolkitError(error)
+    return Path(picked)
+
+
+def _build(config, data: DataBundle, state, dist, device, precision: Precision) -> _Setup:
+    options = resolve_options(config.model, **config.model_options)
+    torch.manual_seed(config.seed)  # initial weights: the same on every rank
+    net = create_model(
+        config.model,
+        num_classes=data.spec.num_classes,
+        input_size=data.image_size,
+        in_channels=data.spec.channels,
+        **options,
+    )
+    net.to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, net)
+    steps = steps_per_epoch(len(data.train), config.batch_size, dist.world_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
+    scaler = precision.grad_scaler(device)
+    if state is not None:
+        net.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    if config.compile:
+        compile_in_place(net)  # before DDP, as torch's docs advise
+    model_info = {
+        "name": config.model,
+        "options": options,
+        "num_classes": data.spec.num_classes,
+        "input_size": data.image_size,
+        "in_channels": data.spec.channels,
+    }
+    return _Setup(
+        net=net,
+        train_net=dist.wrap(net, device),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        precision=precision,
+        model_info=model_info,
+    )
+
+
+def _write_config(run_dir: Path, config_dict: dict, setup: _Setup, data, engine: dict) -> None:
+    atomic_write_json(
+        run_dir / "config.json",
+        {
+            **config_dict,
+            "model_options": setup.model_info["options"],
+            "num_params": count_parameters(setup.net),
+            "dataset_info": data.info(),
+            "val_is_carved": data.val_is_carved,
+            "sizes": {
+                "train": len(data.train),
+                "val": len(data.val),
+                "test": len(data.test) if data.test is not None else 0,
+            },
+            "engine": engine,
+            "toolkit_version": __version__,
+            "torch_version": torch.__version__,
+            "created": datetime.now().isoformat(timespec="seconds"),
+        },
+    )
+
+
+def _train_epoch(config, setup: _Setup, train, normalize, epoch, dist, device, run_dir):
+    """One epoch, seeded from (seed, epoch); failures become ToolkitErrors naming the fix."""
+    # Every epoch re-seeds from (seed, epoch): order, augmentation and dropout do not depend
+    # on what ran before, so a resumed run is bit-identical. The order and augmentation
+    # generator is the same on every rank (they shard one global order); dropout gets a
+    # stream per rank, rank 0 keeping the single-process one.
+    epoch_seed = config.seed * 100_003 + epoch
+    generator = torch.Generator().manual_seed(epoch_seed)
+    torch.manual_seed(epoch_seed + dist.rank * 2**32)
+    options = StepOptions(
+        batch_size=config.batch_size,
+        augment=config.augment,
+        cutout=config.cutout,
+        label_smoothing=config.label_smoothing,
+        grad_clip=config.grad_clip,
+        precision=setup.precision,
+    )
+    try:
+        return train_one_epoch(
+            setup.train_net,
+            train,
+            normalize,
+            setup.optimizer,
+            setup.scheduler,
+            options,
+            generator=generator,
+            device=device,
+            scaler=setup.scaler,
+            dist=dist,
+            description=f"epoch {epoch}/{config.epochs}",
+        )
+    except FloatingPointError as exc:
+        raise ToolkitError(
+            f"training diverged in epoch {epoch} ({exc}); the last good checkpoint "
+            f"is {run_dir / 'last.pt'} (epoch {epoch - 1}); try a lower --lr"
+        ) from exc
+    except Exception as exc:
+        if config.compile and _is_compile_failure(exc):
+            raise ToolkitError(
+                f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "train without --compile"
+            ) from exc
+        raise
+
+
+def _is_compile_failure(exc: Exception) -> bool:
+    # Dynamo/Inductor errors (no C++ compiler, an unsupported op...) all derive from this.
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException)
+
+
+def _metrics_row(epoch: int, result, val_loss: float, val_acc: float, lr: float) -> dict:
+    """One metrics.csv row (METRIC_COLUMNS)."""
+    return {
+        "epoch": epoch,
+        "train_loss": result.loss,
+        "train_acc": result.acc,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": lr,
+        "seconds": result.seconds,
+        "img_per_s": result.images_per_second,
+    }
+
+
+def _record_epoch(run_dir, writer, setup: _Setup, data, config_dict, history, best) -> None:
+    """Log an epoch and write its files: TensorBoard, best.pt / last.pt, metrics.csv."""
+    row = history[-1]
+    epoch = row["epoch"]
+    log.info(
+        "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
+        epoch,
+        row["train_loss"],
+        row["train_acc"],
+        row["val_loss"],
+        row["val_acc"],
+        row["seconds"],
+    )
+    if writer is not None:
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            group, name = key.split("_", 1) if key != "lr" else ("opt", "lr")
+            writer.add_scalar(f"{name}/{group}", row[key], epoch)
+        writer.flush()
+    ckpt = make_checkpoint(
+        net=setup.net,
+        model_info=setup.model_info,
+        dataset_info=data.info(),
+        epoch=epoch,
+        metrics=row,
+        best_val_acc=best[0],
+        best_epoch=best[1],
+        config=config_dict,
+        optimizer=setup.optimizer,
+        scheduler=setup.scheduler,
+    )
+    ckpt["history"] = history
+    if setup.scaler is not None:
+        ckpt["scaler"] = setup.scaler.state_dict()
+    if best[1] == epoch:
+        atomic_torch_save(run_dir / "best.pt", ckpt)
+    atomic_torch_save(run_dir / "last.pt", ckpt)
+    write_csv_rows(
+        run_dir / "metrics.csv",
+        METRIC_COLUMNS,
+        [[r[c] for c in METRIC_COLUMNS] for r in history],
+    )
+
+
+def _check_replicas(net: nn.Module, dist: distributed.Context) -> None:
+    """Log every rank's weights digest (train.log): equal digests prove the replicas agree."""
+    digests = dist.gather_objects(distributed.state_digest(net))
+    log.info("final weights sha1 by rank: %s", " ".join(digests))
+    if len(set(digests)) > 1:
+        log.error("the DDP replicas ended with different weights; report this as a bug")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -1,0 +1,89 @@
+"""What the page says about a model and a prediction: the model card and the latency line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.catalog import ServedModel
+
+
+def latency_markdown(timing: dict | None) -> str:
+    """The line under the answer: total time, its split, which model on which provider."""
+    if not timing:
+        return ""
+    total = timing["preprocess_ms"] + timing["model_ms"]
+    return (
+        f"**Latency** {total:.1f} ms (preprocess {timing['preprocess_ms']:.1f} ms · "
+        f"model {timing['model_ms']:.1f} ms) · `{timing['model']}` on {timing['providers']}"
+    )
+
+
+def card_markdown(model: ServedModel) -> str:
+    """The model card: what it is, how big, how accurate, and the export report's figures."""
+    info = model.info
+    acc = model.test_accuracy
+    options = " ".join(f"{k}={v}" for k, v in (info.get("model_options") or {}).items())
+    rows = [
+        ("dataset", f"{model.dataset} ({len(model.classifier.classes)} classes)"),
+        ("model", model.model + (f" {options}" if options else "")),
+        ("parameters", _number(info.get("num_params"))),
+        ("ONNX size", f"{model.size_bytes / 1e6:.2f} MB"),
+        (
+            "test accuracy",
+            "n/a" if acc is None else f"{acc:.2%} ({_number(model.metrics.get('n'))} images)",
+        ),
+        ("val accuracy", _percent(info.get("val_accuracy"))),
+        ("input", "×".join(str(s) for s in model.classifier.input_size) + " RGB"),
+        ("toolkit", str(info.get("toolkit_version", "?"))),
+    ]
+    rows += report_rows(model.report)
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    classes = ", ".join(model.classifier.classes)
+    return (
+        f"### {model.dataset} · {model.model}\n\n| property | value |\n|---|---|\n{table}\n\n"
+        f"Classes: {classes}"
+    )
+
+
+def report_rows(report: dict) -> list[tuple[str, str]]:
+    """The export report's headline figures, whichever of them this report has."""
+    rows = []
+    stats = _section(report, "stats")
+    if isinstance(stats.get("macs_per_image"), (int, float)):
+        rows.append(("MACs per image", _number(stats["macs_per_image"])))
+    check = _section(report, "verification")
+    if isinstance(check.get("top1_agreement"), (int, float)):
+        rows.append(("ONNX = torch top-1", _percent(check["top1_agreement"])))
+    if isinstance(check.get("max_abs_prob_diff"), (int, float)):
+        rows.append(("max Δ prob vs torch", f"{check['max_abs_prob_diff']:.1e}"))
+    latency = report.get("latency")
+    for row in latency if isinstance(latency, list) else []:
+        if (
+            isinstance(row, dict)
+            and str(row.get("format", "")).startswith("onnx")
+            and isinstance(row.get("p50_ms"), (int, float))
+        ):
+            where = f"{row.get('format')}, {row.get('runtime', '?')}, batch {row.get('batch', '?')}"
+            rows.append((f"latency p50 ({where})", f"{row['p50_ms']:.2f} ms"))
+    if report.get("opset") is not None:
+        rows.append(("ONNX opset", str(report["opset"])))
+    return rows
+
+
+def _section(report: dict, key: str) -> dict:
+    value = report.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "n/a" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    return str(value)
+
+
+def _percent(value: Any) -> str:
+    return f"{value:.2%}" if isinstance(value, (int, float)) else "n/a"

@@ -1,0 +1,181 @@
+"""DDP through torchrun: two gloo processes on the CPU train like one, write the run folder
+once, end with identical weights and resume a run; plus the pure sharding logic."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import toolkit.train as train_module
+from toolkit.cli import app
+from toolkit.data import DataOptions
+from toolkit.distributed import SINGLE, Context, context_from_env, session, state_digest
+from toolkit.errors import ToolkitError
+from toolkit.runs import build_net, load_checkpoint
+from toolkit.train import TrainConfig, fit, lr_factor, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+DIGESTS = re.compile(r"final weights sha1 by rank: ([0-9a-f]{40}) ([0-9a-f]{40})")
+
+
+def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m toolkit train ARGS` (gloo on the CPU)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "toolkit", "train", *map(str, args)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOOLKIT_PROGRESS": "0",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    cwd.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def rank_digests(run: Path) -> tuple[str, str]:
+    found = DIGESTS.findall((run / "train.log").read_text())
+    assert len(found) == 1, "one line of per-rank digests, written by rank 0 only"
+    return found[0]
+
+
+def test_two_processes_train_like_one_and_write_the_run_folder_once(cifar_folder, tmp_path):
+    args = ["net", "--data-dir", cifar_folder, "--data-root", tmp_path / "data"]
+    args += ["--epochs", 2, "--batch-size", 32, "--device", "cpu"]
+    single = tmp_path / "single"
+    result = CliRunner().invoke(app, [str(a) for a in ["train", *args, "--run-dir", single]])
+    assert result.exit_code == 0, result.output
+
+    # No --run-dir: rank 0 names the folder and tells rank 1.
+    torchrun(*args, cwd=tmp_path / "ddp")
+    runs = list((tmp_path / "ddp" / "runs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert {"config.json", "metrics.csv", "train.log", "best.pt", "last.pt", "tensorboard"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one events file: rank 0's
+    log = (run / "train.log").read_text()
+    assert log.count("epoch 1:") == 1 and log.count("epoch 2:") == 1
+    engine = json.loads((run / "config.json").read_text())["engine"]
+    assert (engine["world_size"], engine["distributed_backend"]) == (2, "gloo")
+    assert engine["global_batch_size"] == 32
+
+    # Both ranks hold rank 0's checkpoint, exactly.
+    last = load_checkpoint(run / "last.pt")
+    first, second = rank_digests(run)
+    assert first == second == state_digest(last["state_dict"])
+    build_net(load_checkpoint(run / "best.pt"))  # plain names: no DDP `module.` prefix
+
+    # Same global order, same augmentation, gradients averaged over the whole batch: the
+    # 2-process run follows the 1-process one (`net` has no BatchNorm to tell them apart).
+    reference = load_checkpoint(single / "last.pt")["state_dict"]
+    for key, tensor in last["state_dict"].items():
+        assert torch.allclose(tensor, reference[key], atol=1e-4), key
+    for ours, theirs in zip(read_metrics(run), read_metrics(single), strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+        assert ours["train_acc"] == pytest.approx(theirs["train_acc"], abs=1e-9)
+
+
+def test_resume_under_ddp_continues_and_keeps_batchnorm_in_sync(cifar_folder, tmp_path):
+    """A 1-process run interrupted after epoch 1 finishes its epoch 2 on 2 processes."""
+    config = TrainConfig(
+        model="net",
+        model_options={"batch_norm": True},
+        data=DataOptions(data_dir=str(cifar_folder), data_root=str(tmp_path / "data")),
+        epochs=2,
+        batch_size=32,
+        device="cpu",
+    )
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_epoch = train_module.train_one_epoch
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    train_module.train_one_epoch = interrupt_second_epoch
+    try:
+        assert fit(config, run_dir=run).interrupted
+    finally:
+        train_module.train_one_epoch = real_epoch
+    epoch_one = read_metrics(run)
+    assert [r["epoch"] for r in epoch_one] == [1]
+
+    torchrun("--resume", run, cwd=tmp_path)
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0] == epoch_one[0]  # history carried over, not retrained
+    # The schedule resumed at step 9 (270 images, batches of 32), not from step 0.
+    assert rows[1]["lr"] == pytest.approx(config.lr * lr_factor(config, 9)(9))
+    log = (run / "train.log").read_text()
+    assert log.count("epoch 2:") == 1
+    last = load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 2 and len(last["history"]) == 2
+    # BatchNorm running statistics are per rank during an epoch; they are synced after it.
+    first, second = rank_digests(run)
+    assert first == second == state_digest(last["state_dict"])
+
+
+# --- the pure parts --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_shards_partition_every_batch_contiguously(world_size):
+    for n in range(2 * world_size, 70):
+        parts = [Context(rank=r, world_size=world_size).shard(n) for r in range(world_size)]
+        covered = [i for p in parts for i in range(n)[p]]
+        assert covered == list(range(n))  # every image once, in batch order
+        sizes = [p.stop - p.start for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_context_comes_from_torchrun_environment(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert context_from_env() == SINGLE
+    with session(torch.device("cpu")) as (ctx, device):  # no torchrun: no process group
+        assert ctx == SINGLE and device == torch.device("cpu")
+        assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = context_from_env("gloo")
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.is_main) == (3, 4, 1, False)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ToolkitError, match="RANK is missing"):
+        context_from_env()
+
+
+def test_single_process_context_is_a_no_op():
+    t = torch.tensor([1.0, 2.0])
+    assert SINGLE.sum(t) is t and torch.equal(t, torch.tensor([1.0, 2.0]))
+    assert SINGLE.broadcast_object({"a": 1}) == {"a": 1}
+    assert SINGLE.gather_objects("x") == ["x"]
+    net = torch.nn.Linear(2, 2)
+    assert SINGLE.wrap(net, torch.device("cpu")) is net
+    assert SINGLE.shard(10) == slice(0, 10)
+
+
+def test_state_digest_sees_every_value():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    digest = state_digest(net)
+    assert digest == state_digest({k: v.clone() for k, v in net.state_dict().items()})
+    with torch.no_grad():
+        net[1].running_mean[2] += 1e-6  # a buffer, not a parameter
+    assert state_digest(net) != digest
