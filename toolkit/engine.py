@@ -322,9 +322,9 @@ def train_one_epoch(
             labels = split.labels[idx].to(device, non_blocking=True)
             if options.augment or options.cutout:
                 params = BatchAugment.draw(
-                    len(idx), size, generator, options.augment, options.cutout
+                    len(batch), size, generator, options.augment, options.cutout
                 )
-                x = to_channels_last(params.apply(x))
+                x = to_channels_last(params.select(part).apply(x))
             with options.precision.autocast(device):
                 logits = net(x)
                 loss = F.cross_entropy(logits, labels, label_smoothing=options.label_smoothing)

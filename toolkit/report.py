@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -82,7 +81,7 @@ def summarise(run: PlannedRun) -> dict | None:
         "epochs": len(history),
         "train_seconds": seconds,
         # Images over seconds, not a mean of per-epoch rates: long epochs weigh more.
-        "img_per_s": sum(r["img_per_s"] * r["seconds"] for r in history) / seconds,
+        "img_per_s": sum(r["img_per_s"] * r["seconds"] for r in history) / max(seconds, 1e-9),
         "best_val_acc": best["val_acc"],
         "best_epoch": state.best_epoch,
         "final_train_acc": history[-1]["train_acc"],
@@ -101,12 +100,9 @@ def summarise(run: PlannedRun) -> dict | None:
 
 
 def _devices(rows: Sequence[dict]) -> str:
-    """The devices the runs trained on, as each run's train.log recorded it."""
-    found = set()
-    for row in rows:
-        log_file = Path(row["run"]) / "train.log"
-        text = log_file.read_text(errors="replace") if log_file.is_file() else ""
-        found.update(re.findall(r"params, device (\S+)", text))
+    """The devices the runs trained on, as each config.json recorded it."""
+    # "engine" holds what --device auto resolved to; older run folders only have the option.
+    found = {r["config"].get("engine", {}).get("device", r["config"]["device"]) for r in rows}
     return ", ".join(sorted(found)) or "unknown"
 
 

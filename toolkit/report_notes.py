@@ -25,6 +25,12 @@ def epochs_text(n: int) -> str:
     return f"{n} epoch" + ("" if n == 1 else "s")
 
 
+def points(x: float) -> str:
+    """An accuracy difference in percentage points, without a '-0.0'."""
+    text = f"{100 * x:.1f}"
+    return "0.0" if text == "-0.0" else text
+
+
 def kb(n: int) -> str:
     return f"{n / 1024:,.1f}"
 
@@ -123,8 +129,8 @@ def time_to_reference(rows: Sequence[dict]) -> list[str]:
         "## Time to the reference's accuracy",
         "",
         "Epochs and train wall time until the val accuracy first reaches the reference's "
-        "reported figure (val carved from train here; the reference's figure is on its test "
-        "split). The reference's own time is from its unknown hardware.",
+        "reported figure (ours on the val split, the reference's on its test split). The "
+        "reference's own time is from its unknown hardware.",
         "",
         *md_table(header, body),
         "",
@@ -147,7 +153,7 @@ def overfitting(rows: Sequence[dict]) -> list[str]:
         dropped = r["best_val_acc"] - r["final_val_acc"]
         out.append(
             f"- {verdict}: {name}: train {pct(r['final_train_acc'])} vs val "
-            f"{pct(r['final_val_acc'])} at the last epoch (gap {100 * _gap(r):.1f} points); "
+            f"{pct(r['final_val_acc'])} at the last epoch (gap {points(_gap(r))} points); "
             f"val peaked at {pct(r['best_val_acc'])} in epoch {r['best_epoch']}"
             + (f" and then fell {100 * dropped:.1f} points" if dropped > 0 else "")
         )
@@ -183,7 +189,7 @@ def regularisation(rows: Sequence[dict]) -> list[str]:
         out.append(
             f"- {verdict}: {exp.label()} vs {base['model']} ({r['recipe']}): test "
             f"{100 * diff:+.2f} points (noise ±{100 * noise:.2f}), train − val gap "
-            f"{100 * gaps[0]:.1f} → {100 * gaps[1]:.1f} points{caveat}"
+            f"{points(gaps[0])} → {points(gaps[1])} points{caveat}"
         )
     if not out:
         return []

@@ -196,4 +196,9 @@ def write_figures(rows: Sequence[dict], out: Path) -> list[str]:
     lines += ["## Failure galleries (test split, most confident mistake per class)", ""]
     for r in rows:
         lines += [f"### {r['model']} ({r['recipe']})", "", f"![]({_gallery(r, out)})", ""]
+    # A gallery of a run this plan no longer reports would otherwise linger beside the new ones.
+    keep = {f"{Path(r['run']).name}.png" for r in rows}
+    for stale in (out / "failures").glob("*.png"):
+        if stale.name not in keep:
+            stale.unlink()
     return lines

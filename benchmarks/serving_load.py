@@ -1,0 +1,136 @@
+"""Serving figures: app start time and a bounded load test on loopback.
+
+    python -m benchmarks.serving_load [--artifacts artifacts] [--clients 8] [--requests 200]
+
+Starts `python -m serving.app` as its own process on a free 127.0.0.1 port, times until the
+page answers, then sends a fixed number of /predict calls from concurrent gradio_client
+clients (example images, the default model) and stops. Writes serving.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from gradio_client import Client, handle_file
+
+OUT = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(artifacts: Path, port: int) -> tuple[subprocess.Popen, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "TOOLKIT_AUTH"))}
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.app", "--artifacts", str(artifacts), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    while time.perf_counter() - start < 120:
+        if process.poll() is not None:
+            raise SystemExit(f"the app exited with code {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return process, time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise SystemExit("the app did not come up within 120 s")
+
+
+def client_worker(url: str, images: list[Path], count: int, out: list, errors: list) -> None:
+    client = Client(url, verbose=False)
+    for i in range(count):
+        start = time.perf_counter()
+        try:
+            result = client.predict(
+                handle_file(str(images[i % len(images)])), None, api_name="/predict"
+            )
+            if not result.get("label"):
+                raise ValueError(f"no label in {result}")
+            out.append(time.perf_counter() - start)
+        except Exception as exc:  # counted, not raised: the figure is the error count
+            errors.append(repr(exc))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    images = sorted((args.artifacts / "examples").glob("*/*.png"))
+    if not images:
+        raise SystemExit(f"no example images under {args.artifacts}/examples")
+
+    port = free_port()
+    process, startup = start_app(args.artifacts, port)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        latencies: list[float] = []
+        errors: list[str] = []
+        per_client = [args.requests // args.clients] * args.clients
+        per_client[0] += args.requests - sum(per_client)
+        threads = [
+            threading.Thread(target=client_worker, args=(url, images, n, latencies, errors))
+            for n in per_client
+        ]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        wall = time.perf_counter() - start
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+    ms = np.array(latencies) * 1000
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "startup_s": round(startup, 2),
+        "clients": args.clients,
+        "requests": args.requests,
+        "ok": len(latencies),
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+        "p95_ms": round(float(np.percentile(ms, 95)), 1) if len(ms) else None,
+        "requests_per_s": round(len(latencies) / wall, 1),
+    }
+    (OUT / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = (
+        "# Serving figures\n\n"
+        f"Machine: {result['machine']}. `python -m serving.app --artifacts {args.artifacts}` "
+        f"on loopback; {args.requests} `/predict` calls (example images, default model) from "
+        f"{args.clients} concurrent gradio_client clients. Reproduce: "
+        f"`python -m benchmarks.serving_load`.\n\n"
+        "| start (s) | requests | errors | p50 (ms) | p95 (ms) | requests/s |\n"
+        "|---:|---:|---:|---:|---:|---:|\n"
+        f"| {result['startup_s']} | {result['requests']} | {result['errors']} | "
+        f"{result['p50_ms']} | {result['p95_ms']} | {result['requests_per_s']} |\n"
+    )
+    (OUT / "serving.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
