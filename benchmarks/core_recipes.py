@@ -19,7 +19,9 @@ import torch
 
 from toolkit import recipes
 from toolkit.data import DataOptions
+from toolkit.experiments import EXPERIMENTS
 from toolkit.models import resolve_options
+from toolkit.report import first_reaching
 from toolkit.train import TrainConfig, fit, read_metrics
 
 # name -> (model, model options, recipe, epochs); the order is the order they train in.
@@ -34,8 +36,8 @@ PLAN = {
     "lenet5-seed-30": ("lenet5", {}, "seed", 30),
     "resnet10-seed-20": ("resnet10", {}, "seed", 20),
 }
-# Reported accuracies of the reference (SEED_EXPERIMENTS.md, its "val" = the test split).
-REFERENCE = {"net": 0.60, "net2": 0.62, "resnet10": 0.67, "mlp": None, "lenet5": None}
+# The reference's reported accuracy of each plain model (toolkit.experiments holds them all).
+REFERENCE = {e.name: e.reference.accuracy for e in EXPERIMENTS["cifar10"] if e.name == e.model}
 OUT = Path(__file__).resolve().parent
 
 
@@ -67,17 +69,6 @@ def train_all(data: DataOptions, runs: Path, only: list[str]) -> None:
             fit(config, run_dir=run_dir)
 
 
-def first_epoch_reaching(rows: list[dict], target: float | None) -> dict | None:
-    if target is None:
-        return None
-    seconds = 0.0
-    for row in rows:
-        seconds += row["seconds"]
-        if row["val_acc"] >= target:
-            return {"epoch": row["epoch"], "seconds": round(seconds, 1)}
-    return None
-
-
 def report(runs: Path) -> None:
     from toolkit.evaluate import evaluate_run
 
@@ -107,7 +98,7 @@ def report(runs: Path) -> None:
                 "train_seconds": round(train_seconds, 1),
                 "img_per_s": round(sum(r["img_per_s"] for r in rows) / len(rows)),
                 "reference_acc": REFERENCE.get(model),
-                "val_reaches_reference": first_epoch_reaching(rows, REFERENCE.get(model)),
+                "val_reaches_reference": first_reaching(rows, REFERENCE.get(model)),
             }
         )
     machine = {
@@ -134,7 +125,7 @@ def report(runs: Path) -> None:
     ]
     for r in results:
         reach = r["val_reaches_reference"]
-        reached = f"epoch {reach['epoch']} ({reach['seconds']:.0f} s)" if reach else "—"
+        reached = f"epoch {reach[0]} ({reach[1]:.0f} s)" if reach else "—"
         lines.append(
             f"| {r['experiment']} | {r['params']:,} | {r['epochs']} | {r['train_seconds']:.0f} "
             f"| {r['img_per_s']:,} | {r['best_val_acc']:.2%} | **{r['test_acc']:.2%}** "

@@ -216,6 +216,8 @@ def train_cmd(
             **values,
         )
         result = fit(config, run_dir=run_dir)
+    if not result.is_main:  # under torchrun only rank 0 reports
+        return
     console.print(
         _summary(
             "run summary",

@@ -207,7 +207,8 @@ def _fit(config, run_dir, data, state, dist: distributed.Context, device) -> Run
         }
         _write_config(run_dir, config_dict, setup, data, engine)
     history = list(state["history"]) if state else []
-    best = (state["best_val_acc"], state["best_epoch"]) if state else (0.0, 0)
+    # -1, not 0: a first epoch at 0 % val accuracy still writes best.pt.
+    best = (state["best_val_acc"], state["best_epoch"]) if state else (-1.0, 0)
     start_epoch = state["epoch"] + 1 if state else 1
     writer = _tensorboard(run_dir) if dist.is_main else None
     interrupted = False
