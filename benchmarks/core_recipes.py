@@ -22,7 +22,8 @@ from toolkit.data import DataOptions
 from toolkit.experiments import EXPERIMENTS
 from toolkit.models import resolve_options
 from toolkit.report import first_reaching
-from toolkit.train import TrainConfig, fit, read_metrics
+from toolkit.runs import read_metrics
+from toolkit.train import TrainConfig, fit
 
 # name -> (model, model options, recipe, epochs); the order is the order they train in.
 PLAN = {

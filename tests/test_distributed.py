@@ -19,8 +19,8 @@ from toolkit.cli import app
 from toolkit.data import DataOptions
 from toolkit.distributed import SINGLE, Context, context_from_env, session, state_digest
 from toolkit.errors import ToolkitError
-from toolkit.runs import build_net, load_checkpoint
-from toolkit.train import TrainConfig, fit, lr_factor, read_metrics
+from toolkit.runs import build_net, load_checkpoint, read_metrics
+from toolkit.train import TrainConfig, fit, lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300

@@ -27,8 +27,8 @@ from toolkit.engine import (
 )
 from toolkit.errors import ToolkitError
 from toolkit.models import count_parameters, create_model
-from toolkit.runs import build_net, load_checkpoint
-from toolkit.train import TrainConfig, fit, lr_factor, read_metrics
+from toolkit.runs import build_net, load_checkpoint, read_metrics
+from toolkit.train import TrainConfig, fit, lr_factor
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 import toolkit.evaluate
 import toolkit.export
 import toolkit.reproduce
+import toolkit.runs
 import toolkit.train
 from tests.synthetic import write_split_files
 from toolkit.bench import Timing
@@ -26,8 +27,8 @@ from toolkit.errors import ToolkitError
 from toolkit.recipes import DEFAULT
 from toolkit.report import first_reaching
 from toolkit.reproduce import best_epoch, build_plan, execute, plan_lines, reproduce, run_state
-from toolkit.runs import atomic_write_json, write_csv_rows
-from toolkit.train import METRIC_COLUMNS, RunResult
+from toolkit.runs import METRIC_COLUMNS, atomic_write_json, write_csv_rows
+from toolkit.train import RunResult
 
 runner = CliRunner()
 FAST = Timing(warmup=1, min_runs=2, max_runs=2, budget_s=0.0)
@@ -213,7 +214,7 @@ def test_reproduce_writes_normal_run_folders_and_a_complete_report(cifar_report)
         run, row = out / "runs" / name, results[name]
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
         export = json.loads((run / "export" / "export-report.json").read_text())
-        history = toolkit.train.read_metrics(run)
+        history = toolkit.runs.read_metrics(run)
         assert metrics["split"] == "test" and float(row["test_acc"]) == metrics["accuracy"]
         assert int(row["epochs"]) == len(history) == 1
         assert float(row["train_seconds"]) == pytest.approx(sum(r["seconds"] for r in history))
@@ -306,7 +307,7 @@ def test_stl10_split_files_end_to_end_with_an_interrupted_run_resumed(tmp_path, 
         None,
     )
     assert fits == [out / "runs" / "lenet5-l2-default"]  # continued, not restarted
-    resumed = toolkit.train.read_metrics(out / "runs" / "lenet5-l2-default")
+    resumed = toolkit.runs.read_metrics(out / "runs" / "lenet5-l2-default")
     assert [r["epoch"] for r in resumed] == [1, 2]
     results = read_results(out)
     assert [results[n]["reference_acc"] for n in results] == ["0.4833", "0.4861"]

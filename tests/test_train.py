@@ -9,8 +9,8 @@ from toolkit import recipes
 from toolkit.data import DataOptions, Split, load_data
 from toolkit.engine import Normalizer, random_crop_flip
 from toolkit.errors import ToolkitError
-from toolkit.runs import build_net, load_checkpoint
-from toolkit.train import TrainConfig, fit, lr_factor, read_metrics
+from toolkit.runs import build_net, load_checkpoint, read_metrics
+from toolkit.train import TrainConfig, fit, lr_factor
 
 
 def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:

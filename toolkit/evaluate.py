@@ -212,7 +212,7 @@ def _write_failures(out: Path, split: Split, logits: torch.Tensor, classes: list
 
 
 def _write_curves(run: _Run, out: Path) -> None:
-    from toolkit.train import read_metrics
+    from toolkit.runs import read_metrics
 
     history = read_metrics(run.path)
     if not history:
@@ -303,8 +303,7 @@ def _test_accuracy(run: _Run) -> float | str:
 
 def _compare_row(run_dir: Path) -> dict:
     from toolkit.models import count_parameters
-    from toolkit.runs import build_net
-    from toolkit.train import read_metrics
+    from toolkit.runs import build_net, read_metrics
 
     run = _load_run(run_dir)
     history = read_metrics(run.path)

@@ -21,8 +21,7 @@ from toolkit import report_plots
 from toolkit.bench import CPU, cpu_info
 from toolkit.report_notes import duration, kb, md_table, pct
 from toolkit.reproduce import EVAL_METRICS, EXPORT_REPORT, PlannedRun, run_state
-from toolkit.runs import atomic_write_text, read_json, write_csv_rows
-from toolkit.train import read_metrics
+from toolkit.runs import atomic_write_text, read_json, read_metrics, write_csv_rows
 
 log = logging.getLogger(__name__)
 

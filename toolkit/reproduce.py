@@ -25,8 +25,8 @@ from toolkit.data import DataBundle, DataOptions, load_data
 from toolkit.errors import ToolkitError
 from toolkit.experiments import EXPERIMENTS, Experiment, select_experiments
 from toolkit.models import resolve_options
-from toolkit.runs import read_json
-from toolkit.train import TrainConfig, fit, read_metrics
+from toolkit.runs import read_json, read_metrics
+from toolkit.train import TrainConfig, fit
 
 if TYPE_CHECKING:  # toolkit.bench pulls in onnxruntime; only the export step needs it
     from toolkit.bench import Timing

@@ -20,7 +20,9 @@ input:
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -34,9 +36,21 @@ from torch import nn
 from toolkit import __version__
 from toolkit.errors import ToolkitError
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_FORMAT = "toolkit-checkpoint"
 CHECKPOINT_VERSION = 1
 DEFAULT_RUNS_ROOT = Path("runs")
+METRIC_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "seconds",
+    "img_per_s",
+)
 
 
 # --- atomic writes ---------------------------------------------------------------------------
@@ -126,6 +140,60 @@ def resolve_run(run: Path | None, root: Path = DEFAULT_RUNS_ROOT) -> Path:
     if not run.is_dir():
         raise ToolkitError(f"run folder '{run}' does not exist")
     return run
+
+
+# --- run folder contents -------------------------------------------------------------------
+
+
+class RunLog:
+    """train.log in the run folder for the duration of a run."""
+
+    def __init__(self, run_dir: Path):
+        self.handler = logging.FileHandler(run_dir / "train.log")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.logger = logging.getLogger("toolkit")
+
+    def __enter__(self):
+        self.logger.addHandler(self.handler)
+        if self.logger.level == logging.NOTSET or self.logger.level > logging.INFO:
+            self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+
+
+def open_tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
+        log.warning("tensorboard not installed; skipping TensorBoard events")
+        return None
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise ToolkitError(f"cannot write to run folder '{run_dir}': {exc.strerror}") from exc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.csv as a list of dicts with float values (epoch as int)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
 
 
 # --- checkpoints -----------------------------------------------------------------------------

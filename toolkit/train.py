@@ -1,15 +1,14 @@
 """`fit`: wire data, model, optimiser and schedule together and write the run folder.
 
 The pieces it wires are small and pure (engine.train_one_epoch, engine.evaluate_split); this
-module owns the run folder: config.json, metrics.csv, train.log, TensorBoard events,
-best.pt / last.pt, and exact resume. Under torchrun every rank runs `fit`; rank 0 alone
-writes the run folder (see toolkit.distributed for the conventions).
+module fills the run folder that toolkit.runs lays out (config.json, metrics.csv, train.log,
+TensorBoard events, best.pt / last.pt) and resumes exactly. Under torchrun every rank runs
+`fit`; rank 0 alone writes the run folder (see toolkit.distributed for the conventions).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -38,26 +37,19 @@ from toolkit.errors import ToolkitError
 from toolkit.models import count_parameters, create_model, resolve_options
 from toolkit.recipes import lr_factor, make_optimizer
 from toolkit.runs import (
+    METRIC_COLUMNS,
+    RunLog,
     atomic_torch_save,
     atomic_write_json,
+    check_writable,
     load_checkpoint,
     make_checkpoint,
     new_run_dir,
+    open_tensorboard,
     write_csv_rows,
 )
 
 log = logging.getLogger("toolkit.train")
-
-METRIC_COLUMNS = (
-    "epoch",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "lr",
-    "seconds",
-    "img_per_s",
-)
 
 
 @dataclass(frozen=True)
@@ -109,45 +101,6 @@ class RunResult:
     checkpoint_bytes: int
     interrupted: bool = False
     is_main: bool = True  # False on the ranks > 0 of a torchrun group, which print nothing
-
-
-class _RunLog:
-    """train.log in the run folder for the duration of a run."""
-
-    def __init__(self, run_dir: Path):
-        self.handler = logging.FileHandler(run_dir / "train.log")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        self.logger = logging.getLogger("toolkit")
-
-    def __enter__(self):
-        self.logger.addHandler(self.handler)
-        if self.logger.level == logging.NOTSET or self.logger.level > logging.INFO:
-            self.logger.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self.handler)
-        self.handler.close()
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-    except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
-        log.warning("tensorboard not installed; skipping TensorBoard events")
-        return None
-
-
-def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as exc:
-        raise ToolkitError(f"cannot write to run folder '{run_dir}': {exc.strerror}") from exc
 
 
 def fit(
@@ -210,10 +163,10 @@ def _fit(config, run_dir, data, state, dist: distributed.Context, device) -> Run
     # -1, not 0: a first epoch at 0 % val accuracy still writes best.pt.
     best = (state["best_val_acc"], state["best_epoch"]) if state else (-1.0, 0)
     start_epoch = state["epoch"] + 1 if state else 1
-    writer = _tensorboard(run_dir) if dist.is_main else None
+    writer = open_tensorboard(run_dir) if dist.is_main else None
     interrupted = False
     epoch = start_epoch - 1
-    with _RunLog(run_dir) if dist.is_main else contextlib.nullcontext():
+    with RunLog(run_dir) if dist.is_main else contextlib.nullcontext():
         log.info(
             "run %s: %s %s on %s (%d train / %d val), %d params, device %s, amp %s, "
             "compile %s, %d process(es)",
@@ -308,7 +261,7 @@ def _agree_run_dir(run_dir: Path | None, config: TrainConfig, dist) -> Path:
     if dist.is_main:
         try:
             picked = Path(run_dir) if run_dir else new_run_dir(config.data.dataset, config.model)
-            _check_writable(picked)
+            check_writable(picked)
         except ToolkitError as exc:
             error = str(exc)
     picked, error = dist.broadcast_object((str(picked) if picked else None, error))
@@ -495,15 +448,3 @@ def _check_replicas(net: nn.Module, dist: distributed.Context) -> None:
     log.info("final weights sha1 by rank: %s", " ".join(digests))
     if len(set(digests)) > 1:
         log.error("the DDP replicas ended with different weights; report this as a bug")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.csv as a list of dicts with float values (epoch as int)."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [
-            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
-            for row in csv.DictReader(f)
-        ]
