@@ -20,9 +20,6 @@ from tests.synthetic import CIFAR_CLASSES, STL10_CLASSES, write_split_files
 EXAMPLES_PER_CLASS = 2
 
 
-_BUILT: dict[str, Path] = {}
-
-
 def _package(run: Path, artifacts: Path) -> Path:
     from toolkit.bench import Timing
     from toolkit.evaluate import evaluate_run
@@ -49,10 +46,8 @@ def _copy_examples(files: list[Path], classes: tuple[str, ...], dest: Path) -> N
 def build_served_artifacts(tmp_path_factory, trained_run: Path, cifar_folder: Path) -> Path:
     """artifacts/ with cifar10-net (conftest run) and stl10-net (trained here), plus examples.
 
-    Built once per session whichever test module asks first.
+    tests/conftest.py's session fixture `served_artifacts` builds it once.
     """
-    if str(trained_run) in _BUILT:
-        return _BUILT[str(trained_run)]
     from toolkit.data import DataOptions
     from toolkit.train import TrainConfig, fit
 
@@ -87,7 +82,6 @@ def build_served_artifacts(tmp_path_factory, trained_run: Path, cifar_folder: Pa
         STL10_CLASSES,
         artifacts / "examples" / "stl10",
     )
-    _BUILT[str(trained_run)] = artifacts
     return artifacts
 
 

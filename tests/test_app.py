@@ -31,7 +31,7 @@ from serving.card import card_markdown
 from serving.catalog import Catalog, load_catalog
 from serving.handlers import DemoHandlers, upload_bytes
 from serving.images import ImageError, open_upload
-from tests.served import build_served_artifacts, png_claiming, truncated
+from tests.served import png_claiming, truncated
 from tests.synthetic import CIFAR_CLASSES, STL10_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,11 +96,6 @@ def smoke_test_module_app(python: str, cwd: Path, artifacts: Path, example: Path
             process.kill()
             output, _ = process.communicate()
         print(output[-3000:])  # shown by pytest only when the test fails
-
-
-@pytest.fixture(scope="session")
-def served_artifacts(tmp_path_factory, trained_run, cifar_folder) -> Path:
-    return build_served_artifacts(tmp_path_factory, trained_run, cifar_folder)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.served import build_served_artifacts, truncated
+from tests.served import truncated
 from tests.test_app import running_demo
 
 CHROMIUM = Path(os.environ.get("TOOLKIT_CHROMIUM", "/usr/bin/chromium"))
@@ -31,11 +31,6 @@ TIMEOUT_MS = 30_000
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 if not CHROMIUM.is_file():
     pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
-
-
-@pytest.fixture(scope="session")
-def served_artifacts(tmp_path_factory, trained_run, cifar_folder) -> Path:
-    return build_served_artifacts(tmp_path_factory, trained_run, cifar_folder)
 
 
 @pytest.fixture()
