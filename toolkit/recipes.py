@@ -63,8 +63,10 @@ SEED = {
 }
 
 # The modern recipe: batch crop+flip, label smoothing, SGD-nesterov with a one-cycle
-# schedule, weight decay. resnet10 has no normalisation on its residual stream, so it gets
-# a lower peak, a longer warm-up and gradient clipping (the aggressive recipe collapses it).
+# schedule, weight decay. resnet10 has no normalisation on its residual stream: SGD at a rate
+# that trains the small nets fast collapses it, and the rate that keeps it stable (0.02 with
+# clipping) under-fits (74 % val after 20 epochs). AdamW, whose steps do not scale with the
+# growing stream, reached 71 % val in a 5-epoch probe, so resnet10 uses it.
 _DEFAULT = dict(
     optimizer="sgd",
     lr=0.05,
@@ -102,7 +104,7 @@ DEFAULT = {
     "mlp": {**_DEFAULT, "lr": 0.01},
     "net": _DEFAULT,
     "net2": _DEFAULT,
-    "resnet10": {**_DEFAULT, "lr": 0.02, "epochs": 20, "grad_clip": 2.0},
+    "resnet10": {**_DEFAULT, "optimizer": "adamw", "lr": 3e-3, "l2": 0.05, "epochs": 20},
     "lenet5": _DEFAULT,
     "resnet9": _RESNET9,
 }
