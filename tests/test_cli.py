@@ -129,3 +129,9 @@ def test_package_needs_an_evaluated_and_exported_run(trained_run, tmp_path):
     result = invoke("package", trained_run, "--artifacts", tmp_path / "artifacts")
     assert result.exit_code == 2
     assert "toolkit evaluate" in result.output and "toolkit export" in result.output
+
+
+def test_error_messages_are_printed_verbatim_not_as_markup():
+    result = invoke("evaluate", "/nonexistent/[bold]run[/bold]")
+    assert result.exit_code == 2
+    assert "/nonexistent/[bold]run[/bold]" in result.output

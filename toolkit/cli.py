@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from toolkit.errors import ToolkitError
@@ -34,7 +35,9 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ToolkitError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            # escape(): a message quoting a path like 'runs/[x]' must not be read as markup.
+            message = f"[red]error:[/red] {escape(str(exc))}"
+            err_console.print(message, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
