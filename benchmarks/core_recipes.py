@@ -118,7 +118,9 @@ def report(runs: Path) -> None:
         "stratified 10 % of train (seed 0), test = the official 10,000, evaluated once on "
         "each run's best-val checkpoint. Reproduce: `python -m benchmarks.core_recipes "
         "--data-dir ../shared/data/cifar10 && python -m benchmarks.core_recipes --data-dir "
-        "../shared/data/cifar10 --report`.",
+        "../shared/data/cifar10 --report`. The `train s` and `img/s` columns are wall-clock "
+        "measurements; during some runs other work shared the 2 cores (net-default-30 and "
+        "resnet10-seed-20 above all), so take clean throughput from train_speed.md.",
         "",
         "| experiment | params | epochs | train s | img/s | best val | **test** | train acc "
         "| reference | val ≥ reference at |",
