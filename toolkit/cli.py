@@ -126,6 +126,29 @@ def _abs(path: Path | None) -> str | None:
     return str(path.resolve()) if path is not None else None
 
 
+def _data_options(
+    dataset: str,
+    data_dir: Path | None,
+    splits: Path | None,
+    data_root: Path | None,
+    image_size: int | None,
+    download: bool,
+    val_fraction: float = 0.1,
+):
+    """DataOptions with absolute paths, so a run (or resume) works from any folder."""
+    from toolkit.data import DataOptions
+
+    return DataOptions(
+        dataset=dataset,
+        data_dir=_abs(data_dir),
+        splits=_abs(splits),
+        data_root=_abs(data_root),
+        image_size=image_size,
+        val_fraction=val_fraction,
+        download=download,
+    )
+
+
 @app.command("train")
 @friendly_errors
 def train_cmd(
@@ -168,7 +191,6 @@ def train_cmd(
 ):
     """Train MODEL into a run folder (config, metrics, TensorBoard, best.pt, last.pt)."""
     from toolkit import recipes
-    from toolkit.data import DataOptions
     from toolkit.models import resolve_options
     from toolkit.train import TrainConfig, fit
 
@@ -199,14 +221,8 @@ def train_cmd(
                 seed=seed,
             ),
         )
-        data = DataOptions(
-            dataset=dataset,
-            data_dir=_abs(data_dir),
-            splits=_abs(splits),
-            data_root=_abs(data_root),
-            image_size=image_size,
-            val_fraction=val_fraction,
-            download=download,
+        data = _data_options(
+            dataset, data_dir, splits, data_root, image_size, download, val_fraction
         )
         config = TrainConfig(
             model=model,
@@ -307,17 +323,9 @@ def reproduce_cmd(
     """Every seed experiment of DATASET: train, evaluate, export, then OUT/report.md."""
     import csv
 
-    from toolkit.data import DataOptions
     from toolkit.reproduce import build_plan, execute, plan_lines
 
-    data = DataOptions(
-        dataset=dataset,
-        data_dir=_abs(data_dir),
-        splits=_abs(splits),
-        data_root=_abs(data_root),
-        image_size=image_size,
-        download=download,
-    )
+    data = _data_options(dataset, data_dir, splits, data_root, image_size, download)
     out = out or Path("reports") / dataset
     plan = build_plan(dataset, recipe, out, data, epochs=epochs, device=device, only=only)
     if dry_run:
