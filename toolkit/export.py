@@ -67,7 +67,13 @@ from toolkit.quantize import (
     report_shape,
     static_columns,
 )
-from toolkit.runs import atomic_write_bytes, atomic_write_json, build_classifier, load_checkpoint
+from toolkit.runs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    build_classifier,
+    check_writable,
+    load_checkpoint,
+)
 from toolkit.triton import write_triton_repo
 
 __all__ = ["export_run", "print_report", "bench_models", "print_bench", "REQUIRED_AGREEMENT"]
@@ -103,9 +109,9 @@ def export_run(
             "is usable here; export without --fp16 (or on a GPU machine)"
         )
     ckpt = load_checkpoint(run_dir / "best.pt")
-    _check_writable(out_dir, "--out")
+    check_writable(out_dir, "export folder", "--out")
     if triton_dir is not None:
-        _check_writable(Path(triton_dir), "--triton")
+        check_writable(Path(triton_dir), "Triton folder", "--triton")
 
     head = ExportHead(build_classifier(ckpt)).eval()
     meta = build_metadata(ckpt, run_dir, count_parameters(head.classifier.net))
@@ -138,18 +144,6 @@ def export_run(
     _write_outputs(out_dir, files, meta, report)
     log.info("exported %s to %s", run_dir, out_dir)
     return report
-
-
-def _check_writable(folder: Path, option: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".toolkit-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ToolkitError(
-            f"cannot write to '{folder}': {exc.strerror or exc}; pass {option} a writable folder"
-        ) from exc
 
 
 def _verify(

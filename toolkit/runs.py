@@ -174,14 +174,22 @@ def open_tensorboard(run_dir: Path):
         return None
 
 
-def check_writable(run_dir: Path) -> None:
+def check_writable(folder: Path, what: str, option: str) -> None:
+    """Fail before any work when `folder` cannot be created or written to.
+
+    `what` names the folder for the user ("run folder"), `option` the flag that changes it.
+    """
+    folder = Path(folder)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"x")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".toolkit-write-test"
+        probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ToolkitError(f"cannot write to run folder '{run_dir}': {exc.strerror}") from exc
+        raise ToolkitError(
+            f"cannot write to {what} '{folder}': {exc.strerror or exc}; "
+            f"pass {option} a writable folder"
+        ) from exc
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

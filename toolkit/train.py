@@ -261,7 +261,7 @@ def _agree_run_dir(run_dir: Path | None, config: TrainConfig, dist) -> Path:
     if dist.is_main:
         try:
             picked = Path(run_dir) if run_dir else new_run_dir(config.data.dataset, config.model)
-            check_writable(picked)
+            check_writable(picked, "run folder", "--run-dir")
         except ToolkitError as exc:
             error = str(exc)
     picked, error = dist.broadcast_object((str(picked) if picked else None, error))
