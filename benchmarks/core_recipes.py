@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-from toolkit import recipes
 from toolkit.data import DataOptions
 from toolkit.experiments import EXPERIMENTS
-from toolkit.models import resolve_options
 from toolkit.report import first_reaching
 from toolkit.runs import read_metrics
 from toolkit.train import TrainConfig, fit
@@ -44,14 +42,8 @@ OUT = Path(__file__).resolve().parent
 
 def config_for(name: str, data: DataOptions) -> TrainConfig:
     model, options, recipe, epochs = PLAN[name]
-    values = recipes.resolve(recipe, model, {"epochs": epochs})
-    return TrainConfig(
-        model=model,
-        model_options=resolve_options(model, **options),
-        data=data,
-        recipe=recipe,
-        device="auto",
-        **values,
+    return TrainConfig.from_recipe(
+        model, recipe, data, model_options=options, overrides={"epochs": epochs}, device="auto"
     )
 
 

@@ -190,8 +190,6 @@ def train_cmd(
     resume: Path = typer.Option(None, help="Continue the run in this folder exactly."),
 ):
     """Train MODEL into a run folder (config, metrics, TensorBoard, best.pt, last.pt)."""
-    from toolkit import recipes
-    from toolkit.models import resolve_options
     from toolkit.train import TrainConfig, fit
 
     if resume is not None:
@@ -201,11 +199,12 @@ def train_cmd(
             raise ToolkitError(
                 "name a model to train, e.g. `toolkit train net` (see `toolkit models`)"
             )
-        options = resolve_options(model, dropout=dropout, batch_norm=batch_norm, width=width)
-        values = recipes.resolve(
-            recipe,
+        config = TrainConfig.from_recipe(
             model,
-            dict(
+            recipe,
+            _data_options(dataset, data_dir, splits, data_root, image_size, download, val_fraction),
+            model_options=dict(dropout=dropout, batch_norm=batch_norm, width=width),
+            overrides=dict(
                 epochs=epochs,
                 batch_size=batch_size,
                 optimizer=optimizer,
@@ -220,19 +219,9 @@ def train_cmd(
                 cutout=cutout,
                 seed=seed,
             ),
-        )
-        data = _data_options(
-            dataset, data_dir, splits, data_root, image_size, download, val_fraction
-        )
-        config = TrainConfig(
-            model=model,
-            model_options=options,
-            data=data,
-            recipe=recipe,
             device=device,
             amp=amp,
             compile=compile_model,
-            **values,
         )
         result = fit(config, run_dir=run_dir)
     if not result.is_main:  # under torchrun only rank 0 reports

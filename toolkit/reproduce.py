@@ -24,7 +24,6 @@ from toolkit import recipes
 from toolkit.data import DataBundle, DataOptions, load_data
 from toolkit.errors import ToolkitError
 from toolkit.experiments import EXPERIMENTS, Experiment, select_experiments
-from toolkit.models import resolve_options
 from toolkit.runs import read_json, read_metrics
 from toolkit.train import TrainConfig, fit
 
@@ -77,16 +76,13 @@ def make_config(
     experiment: Experiment, recipe: str, data: DataOptions, epochs: int | None, device: str
 ) -> TrainConfig:
     """The config `toolkit train` would build for this experiment (same resolution path)."""
-    options = resolve_options(experiment.model, **experiment.options)
-    overrides = {"epochs": epochs, "l2": experiment.l2}
-    values = recipes.resolve(recipe, experiment.model, overrides)
-    return TrainConfig(
-        model=experiment.model,
-        model_options=options,
-        data=data,
-        recipe=recipe,
+    return TrainConfig.from_recipe(
+        experiment.model,
+        recipe,
+        data,
+        model_options=experiment.options,
+        overrides={"epochs": epochs, "l2": experiment.l2},
         device=device,
-        **values,
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from toolkit import __version__, distributed
+from toolkit import __version__, distributed, recipes
 from toolkit.data import DataBundle, DataOptions, load_data
 from toolkit.engine import (
     EVAL_BATCH_SIZE,
@@ -88,6 +88,23 @@ class TrainConfig:
         d["data"] = DataOptions(**d["data"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_recipe(
+        cls,
+        model: str,
+        recipe: str,
+        data: DataOptions,
+        model_options: dict | None = None,
+        overrides: dict | None = None,
+        **engine,
+    ) -> TrainConfig:
+        """What `toolkit train MODEL --recipe RECIPE ...` builds: the model's options checked
+        against the registry, the recipe's values, then every override that is not None.
+        `engine` takes the fields no recipe sets (device, amp, compile)."""
+        options = resolve_options(model, **(model_options or {}))
+        values = recipes.resolve(recipe, model, overrides or {})
+        return cls(model=model, model_options=options, data=data, recipe=recipe, **engine, **values)
 
 
 @dataclass
