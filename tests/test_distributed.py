@@ -14,13 +14,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import toolkit.train as train_module
+from tests.training import fit_interrupted_in_second_epoch
 from toolkit.cli import app
 from toolkit.data import DataOptions
 from toolkit.distributed import SINGLE, Context, context_from_env, session, state_digest
 from toolkit.errors import ToolkitError
 from toolkit.runs import build_net, load_checkpoint, read_metrics
-from toolkit.train import TrainConfig, fit, lr_factor
+from toolkit.train import TrainConfig, lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -101,20 +101,7 @@ def test_resume_under_ddp_continues_and_keeps_batchnorm_in_sync(cifar_folder, tm
         device="cpu",
     )
     run = tmp_path / "run"
-    calls = {"n": 0}
-    real_epoch = train_module.train_one_epoch
-
-    def interrupt_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    train_module.train_one_epoch = interrupt_second_epoch
-    try:
-        assert fit(config, run_dir=run).interrupted
-    finally:
-        train_module.train_one_epoch = real_epoch
+    assert fit_interrupted_in_second_epoch(config, run).interrupted
     epoch_one = read_metrics(run)
     assert [r["epoch"] for r in epoch_one] == [1]
 

@@ -12,6 +12,7 @@ from torch import nn
 
 import toolkit.engine
 import toolkit.train
+from tests.training import tiny_config as shared_tiny_config
 from toolkit import recipes
 from toolkit.data import DataOptions, Split
 from toolkit.engine import (
@@ -34,16 +35,8 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        model="net",
-        data=DataOptions(data_dir=str(folder), data_root=str(tmp_path)),
-        epochs=1,
-        batch_size=32,
-        lr=0.05,
-        device="cpu",
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    """tests.training's tiny config, one epoch long unless overridden."""
+    return shared_tiny_config(folder, tmp_path, **{"epochs": 1, **overrides})
 
 
 # --- mixed precision -------------------------------------------------------------------------

@@ -5,25 +5,13 @@ import json
 import pytest
 import torch
 
+from tests.training import fit_interrupted_in_second_epoch, tiny_config
 from toolkit import recipes
 from toolkit.data import DataOptions, Split, load_data
 from toolkit.engine import Normalizer, random_crop_flip
 from toolkit.errors import ToolkitError
 from toolkit.runs import build_net, load_checkpoint, read_metrics
 from toolkit.train import TrainConfig, fit, lr_factor
-
-
-def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        model="net",
-        data=DataOptions(data_dir=str(folder), data_root=str(tmp_path)),
-        epochs=2,
-        batch_size=32,
-        lr=0.05,
-        device="cpu",
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def test_run_folder_has_everything(trained_run):
@@ -58,23 +46,7 @@ def test_resume_is_exact(cifar_folder, tmp_path):
         cifar_folder, tmp_path, epochs=2, augment=True, model_options={"dropout": 0.2}
     )
     straight = fit(config, run_dir=tmp_path / "straight").run_dir
-
-    import toolkit.train as train_module
-
-    calls = {"n": 0}
-    real_epoch = train_module.train_one_epoch
-
-    def interrupt_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    train_module.train_one_epoch = interrupt_second_epoch
-    try:
-        first = fit(config, run_dir=tmp_path / "resumed")
-    finally:
-        train_module.train_one_epoch = real_epoch
+    first = fit_interrupted_in_second_epoch(config, tmp_path / "resumed")
     assert first.interrupted and first.epochs_done == 1
     resumed = fit(TrainConfig(model="net"), resume=tmp_path / "resumed")
     assert resumed.epochs_done == 2
