@@ -75,12 +75,17 @@ def confusion_matrix_png(matrix: np.ndarray, classes: Sequence[str], title: str 
     return figure_png(fig)
 
 
+def message_png(text: str) -> bytes:
+    """A small picture holding one line of text, where a figure has nothing to show."""
+    fig = Figure(figsize=(4, 1.5))
+    fig.text(0.5, 0.5, text, ha="center", va="center")
+    return figure_png(fig)
+
+
 def failures_png(images: Sequence[np.ndarray], titles: Sequence[str], columns: int = 4) -> bytes:
     """A grid of uint8 C×H×W images with one title each; a note when there are none."""
     if not images:
-        fig = Figure(figsize=(4, 1.5))
-        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-        return figure_png(fig)
+        return message_png("no misclassified images")
     columns = min(columns, len(images))
     rows = math.ceil(len(images) / columns)
     fig = Figure(figsize=(2.2 * columns, 2.4 * rows))

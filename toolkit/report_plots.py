@@ -122,9 +122,7 @@ def confusion_grid_png(items: Sequence[dict], columns: int = 4) -> bytes:
     `items`: {"title", "classes", "matrix"} (counts, rows true, columns predicted).
     """
     if not items:
-        fig = Figure(figsize=(4, 1.5))
-        fig.text(0.5, 0.5, "no evaluated runs", ha="center", va="center")
-        return figure_png(fig)
+        return plots.message_png("no evaluated runs")
     columns = min(columns, len(items))
     rows = math.ceil(len(items) / columns)
     fig = Figure(figsize=(3.4 * columns, 3.6 * rows))
