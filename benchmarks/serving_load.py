@@ -18,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
@@ -27,20 +29,35 @@ from gradio_client import Client, handle_file
 OUT = Path(__file__).resolve().parent
 
 
+def machine() -> dict:
+    """What the figures were measured on."""
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_app(artifacts: Path, port: int) -> tuple[subprocess.Popen, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "TOOLKIT_AUTH"))}
+def start_app(
+    artifacts: Path,
+    port: int,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    output: IO | int = subprocess.DEVNULL,
+) -> tuple[subprocess.Popen, float]:
+    """`python -m serving.app` on 127.0.0.1:`port`; returns it and its seconds to first page.
+
+    The app gets this environment minus GRADIO_* and TOOLKIT_AUTH (no surprise settings),
+    plus `env`; its stdout and stderr go to `output`.
+    """
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "TOOLKIT_AUTH"))}
+    command = [sys.executable, "-m", "serving.app", "--artifacts", str(artifacts)]
+    command += ["--port", str(port), *extra_args]
     start = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.app", "--artifacts", str(artifacts), "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command, env={**clean, **(env or {})}, stdout=output, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}/"
     while time.perf_counter() - start < 120:
@@ -136,8 +153,7 @@ def main() -> None:
         process.terminate()
         process.wait(timeout=30)
 
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    result = {"machine": machine, "startup_s": round(startup, 2), "runs": runs}
+    result = {"machine": machine(), "startup_s": round(startup, 2), "runs": runs}
     (OUT / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "".join(
         f"| {r['clients']} | {'on' if r['ssl_verify'] else 'off'} | {r['requests']} "
@@ -147,7 +163,7 @@ def main() -> None:
     )
     md = (
         "# Serving figures\n\n"
-        f"Machine: {machine}. `python -m serving.app --artifacts {args.artifacts}` on "
+        f"Machine: {result['machine']}. `python -m serving.app --artifacts {args.artifacts}` on "
         f"loopback, started in **{result['startup_s']} s**; `/predict` calls with the example "
         "images and the default model from concurrent gradio_client clients running on the "
         "same 2 cores as the server. Reproduce: `python -m benchmarks.serving_load`.\n\n"

@@ -3,15 +3,18 @@
     python -m serving.app [--artifacts artifacts] [--host 127.0.0.1] [--port 7860]
                           [--auth user:password] [--share] [--max-upload-mb 10]
 
-`toolkit serve` calls `main` with the same options. Only onnxruntime, Gradio, Pillow and numpy
-are imported (the serving image has no torch). The predict function is the public API,
-`api_name="predict"`: image first, optional model name second (default: the most accurate
-model), a gr.Label value (top label plus {label, confidence} pairs) out.
+`toolkit serve` calls `main` with the same options. It prints the URL it listens on, and
+warns when the app is reachable from other machines (--host beyond loopback) without --auth.
+Only onnxruntime, Gradio, Pillow and numpy are imported (the serving image has no torch). The
+predict function is the public API, `api_name="predict"`: image first, optional model name
+second (default: the most accurate model), a gr.Label value (top label plus {label,
+confidence} pairs) out.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -19,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from serving.card import latency_markdown
 from serving.catalog import load_catalog
 from serving.classifier import ArtifactError
 from serving.handlers import TOP_K, DemoHandlers
+from serving.limits import BodyLimit
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +218,8 @@ def launch(
 ) -> str:
     """Start the server with the safety settings of `build_demo`; returns the local URL."""
     config: ServingConfig = demo.serving_config
+    # Gradio caps uploaded files only; BodyLimit caps every other request body too.
+    body_limit = Middleware(BodyLimit, max_upload_bytes=config.max_upload_bytes)
     _, url, share_url = demo.launch(
         server_name=host,
         server_port=port,
@@ -220,6 +227,7 @@ def launch(
         share=share,  # explicit, so $GRADIO_SHARE cannot publish the demo by surprise
         allowed_paths=config.allowed_paths,
         max_file_size=config.max_upload_bytes,
+        app_kwargs={"middleware": [body_limit]},
         enable_monitoring=False,
         ssr_mode=False,
         mcp_server=False,
@@ -243,6 +251,27 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     if not (user and sep and password):
         raise ValueError("--auth must look like user:password")
     return user, password
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name may resolve to any interface: assume exposed
+        return False
+
+
+def exposure_warning(host: str, auth: tuple[str, str] | None) -> str | None:
+    """What to tell the person starting a server that other machines can use without a
+    password; None when it is bound to loopback or protected by --auth."""
+    if auth or is_loopback(host):
+        return None
+    return (
+        f"listening on {host}, reachable from other machines, without a password; "
+        f"pass --auth user:password or set ${AUTH_ENV} unless a proxy in front checks access"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -294,7 +323,21 @@ def main(argv: list[str] | None = None) -> None:
     except ArtifactError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    launch(demo, host=args.host, port=args.port, auth=args.auth, share=args.share)
+    warning = exposure_warning(args.host, args.auth)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    # quiet: Gradio's own banner tells people to edit launch(), which a CLI user cannot do.
+    url = launch(
+        demo,
+        host=args.host,
+        port=args.port,
+        auth=args.auth,
+        share=args.share,
+        prevent_thread_lock=True,
+        quiet=True,
+    )
+    print(f"Serving on {url} (Ctrl-C to stop)", flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def load_model(folder: Path, providers: list[str] | None = None) -> ServedModel:
         metrics=metrics,
         report=read_json_object(folder / "export-report.json"),
         failures=load_failures(folder),
-        confusion_matrix=check_image(folder / "confusion_matrix.png"),
+        confusion_matrix=check_image(folder / "confusion_matrix.png", inside=folder),
         size_bytes=classifier.path.stat().st_size,
     )
 
@@ -186,7 +186,7 @@ def load_failures(folder: Path) -> list[Failure]:
             raise ArtifactError(f"'{path}' entry {n} points outside '{folder}'")
         failures.append(failure)
     for failure in failures:
-        check_image(failure.path)
+        check_image(failure.path, inside=folder)
     return failures
 
 
@@ -198,7 +198,7 @@ def load_examples(folder: Path) -> dict[str, list[Path]]:
     out = {}
     for dataset in sorted(p for p in folder.iterdir() if p.is_dir()):
         images = sorted(p for p in dataset.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
-        out[dataset.name] = [check_image(p) for p in images]
+        out[dataset.name] = [check_image(p, inside=folder) for p in images]
     return out
 
 
@@ -235,8 +235,19 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return value
 
 
-def check_image(path: Path) -> Path:
-    """`path` resolved, after checking it is a readable image (the UI will show it)."""
+def check_image(path: Path, inside: Path) -> Path:
+    """`path` resolved, after checking it is a readable image (the UI will show it) that
+    really lives under `inside`.
+
+    Every image checked here becomes a servable path, and Gradio serves the file a symlink
+    points to: a link to a file outside the artifacts would publish it.
+    """
+    resolved = path.resolve()
+    if not resolved.is_relative_to(inside.resolve()):
+        raise ArtifactError(
+            f"'{path}' points outside '{inside}' (to '{resolved}'); copy the file in instead "
+            "of linking it"
+        )
     try:
         with Image.open(_required(path)) as image:
             image.verify()
@@ -244,4 +255,4 @@ def check_image(path: Path) -> Path:
         raise
     except Exception as exc:  # Pillow raises many types for damaged files
         raise ArtifactError(f"'{path}' is not a readable image ({exc})") from exc
-    return path.resolve()
+    return resolved

@@ -106,10 +106,30 @@ class DemoHandlers:
         """A click on a known failure: show that image and classify it now."""
         served = self.model(model)
         failure = served.failures[evt.index]
-        return (str(failure.path), *classify(served, failure.path, f"failure #{failure.index}"))
+        return (
+            str(failure.path),
+            *self.classify_shown(served, failure.path, f"failure #{failure.index}"),
+        )
 
     def run_example(self, model: str, evt: gr.SelectData) -> tuple[str, dict, dict]:
         """A click on an example image: show it and classify it."""
         served = self.model(model)
         path = self.examples(served)[evt.index]
-        return (str(path), *classify(served, path, path.name))
+        return (str(path), *self.classify_shown(served, path, path.name))
+
+    @staticmethod
+    def classify_shown(served: ServedModel, path: Path, name: str) -> tuple[dict, dict]:
+        """Classify a gallery image, read from disk now (only the ONNX sessions are loaded at
+        startup): a file damaged or removed since then fails this click, naming the file."""
+        try:
+            return classify(served, path, name)
+        except (ImageError, OSError) as exc:
+            log.warning("gallery image %s unreadable: %s", path, exc)
+            message = html.escape(
+                f"'{path}' changed since the server started ({exc}); restart the app after "
+                "replacing artifacts",
+                quote=False,
+            )
+            raise gr.Error(
+                message, title=f"Cannot run {served.key}'s image", print_exception=False
+            ) from None

@@ -6,15 +6,11 @@ package, for a CIFAR-10 and an STL-10 model, plus example images per dataset.
 
 from __future__ import annotations
 
-import io
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
+# The upload builders live with the load benchmark, which may not import from tests/.
+from benchmarks.bad_uploads import png_claiming, truncated  # noqa: F401 - re-exported
 from tests.synthetic import CIFAR_CLASSES, STL10_CLASSES, write_split_files
 
 EXAMPLES_PER_CLASS = 2
@@ -83,25 +79,3 @@ def build_served_artifacts(tmp_path_factory, trained_run: Path, cifar_folder: Pa
         artifacts / "examples" / "stl10",
     )
     return artifacts
-
-
-# --- uploads with a broken or hostile header --------------------------------------------------
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny valid PNG whose header (with a correct CRC) claims width×height pixels."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    ihdr = 8 + 8  # signature, then length + type of the first chunk
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])) & 0xFFFFFFFF
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
-    return bytes(data)
-
-
-def truncated(fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(buffer, fmt)
-    return buffer.getvalue()[: len(buffer.getvalue()) // 2]

@@ -7,6 +7,8 @@ separate them far above chance: tests can assert on accuracy without real data.
 from __future__ import annotations
 
 import pickle
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,28 @@ def write_split_files(
                 lines.append(f"{rel} {label + 1 if one_based else label}")
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def write_png16(path: Path, array: np.ndarray) -> Path:
+    """A 16-bit PNG written byte by byte: H×W (grey), H×W×2 (grey+alpha), H×W×3 (RGB) or
+    H×W×4 (RGBA) uint16. Pillow writes 16-bit grey but not 16-bit colour, which cameras and
+    scanners do produce."""
+    array = np.asarray(array, dtype=np.uint16)
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = array.reshape(height, width * channels).astype(">u2")  # PNG samples are big-endian
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+    return path

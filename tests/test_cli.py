@@ -113,6 +113,10 @@ def test_resume_through_the_cli(cifar_folder, tmp_path):
         (["train", "lenet5", "--width", "8"], "does not support --width"),
         (["train", "net", "--data-dir", "/nonexistent/data"], "does not exist"),
         (["train", "--resume", "/nonexistent/run"], "not found"),
+        (
+            ["train", "net", "--resume", "/some/run", "--epochs", "9", "--compile"],
+            "--resume continues a run with its own options; drop MODEL, --epochs, --compile",
+        ),
         (["evaluate", "/nonexistent/run"], "does not exist"),
         (["train"], "name a model"),
     ],

@@ -16,8 +16,9 @@ from tests.synthetic import (
     write_split_files,
     write_stl10_binary,
 )
-from toolkit.data import DataOptions, carve_val, load_data, read_stl10_binary
+from toolkit.data import DataOptions, carve_val, load_data
 from toolkit.errors import ToolkitError
+from toolkit.formats import read_stl10_binary
 
 
 def test_image_folder_decodes_pixels_exactly(cifar_folder, tmp_path):

@@ -23,6 +23,7 @@ import toolkit.bench
 import toolkit.export
 import toolkit.onnx_export
 from tests.synthetic import write_image_folder
+from toolkit.atomic import atomic_torch_save
 from toolkit.bench import (
     CPU,
     CUDA,
@@ -48,7 +49,7 @@ from toolkit.onnx_export import (
     torch_to_onnx,
 )
 from toolkit.quantize import convert_fp16
-from toolkit.runs import atomic_torch_save, build_classifier, build_net, load_checkpoint
+from toolkit.runs import build_classifier, build_net, load_checkpoint
 from toolkit.runs import make_checkpoint as make_ckpt
 
 FAST = Timing(warmup=1, min_runs=2, max_runs=2, budget_s=0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import shlex
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -20,14 +21,23 @@ import toolkit.reproduce
 import toolkit.runs
 import toolkit.train
 from tests.synthetic import write_split_files
+from toolkit.atomic import atomic_write_json
 from toolkit.bench import Timing
 from toolkit.cli import app
 from toolkit.data import DataOptions
 from toolkit.errors import ToolkitError
 from toolkit.recipes import DEFAULT
 from toolkit.report import first_reaching
-from toolkit.reproduce import best_epoch, build_plan, execute, plan_lines, reproduce, run_state
-from toolkit.runs import METRIC_COLUMNS, atomic_write_json, write_csv_rows
+from toolkit.reproduce import (
+    best_epoch,
+    build_plan,
+    check_same_config,
+    execute,
+    plan_lines,
+    reproduce,
+    run_state,
+)
+from toolkit.runs import METRIC_COLUMNS, write_csv_rows
 from toolkit.train import RunResult
 
 runner = CliRunner()
@@ -118,7 +128,9 @@ def test_recipes_differ_and_epochs_override_both(tmp_path):
 @pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
 def test_plan_commands_build_exactly_the_planned_config(tmp_path, monkeypatch, dataset):
     """Each printed command, run through `toolkit train`, asks fit for the planned config."""
-    data = DataOptions(splits=str(tmp_path / "s"), data_root=str(tmp_path / "r"), image_size=48)
+    data = DataOptions(
+        splits=str(tmp_path / "s"), data_root=str(tmp_path / "r"), image_size=48, bad_files="skip"
+    )
     plan = build_plan(dataset, "both", tmp_path / "out", data, epochs=2, device="cpu")
     asked = []
 
@@ -337,3 +349,17 @@ def test_execute_refuses_a_run_without_best_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(toolkit.reproduce._Data, "get", lambda self, config: None)
     with pytest.raises(ToolkitError, match="val accuracy stayed at 0 in every epoch"):
         execute(plan, tmp_path)
+
+
+def test_a_run_folder_from_before_a_data_option_existed_still_matches(tmp_path):
+    """config.json files written before `bad_files` existed mean its default, not a change."""
+    (run,) = build_plan("cifar10", "seed", tmp_path, epochs=1, only=["net"])
+    stored = asdict(run.config)
+    del stored["data"]["bad_files"]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "config.json").write_text(json.dumps(stored))
+    check_same_config(run)  # no error
+    stored["data"]["image_size"] = 48
+    (run.run_dir / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ToolkitError, match=r"other options \(data differ\)"):
+        check_same_config(run)

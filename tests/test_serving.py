@@ -210,7 +210,8 @@ def test_classifier_agrees_with_toolkit_evaluation(served_artifacts, dataset):
     """Test-split FILES through serving == toolkit's tensors through the torch model."""
     import torch
 
-    from toolkit.data import DataOptions, list_image_folder, load_data, read_split_file
+    from toolkit.data import DataOptions, load_data
+    from toolkit.listing import list_image_folder, read_split_file
     from toolkit.runs import build_classifier, load_checkpoint
 
     folder = served_artifacts / f"{dataset}-net"

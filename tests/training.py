@@ -1,12 +1,23 @@
-"""Small training helpers shared by the train, engine and distributed tests."""
+"""Small training helpers shared by the train, engine, distributed and fault tests."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import toolkit.train
 from toolkit.data import DataOptions
+from toolkit.runs import METRIC_COLUMNS, load_checkpoint, read_metrics
 from toolkit.train import RunResult, TrainConfig, fit
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(folder: Path, data_root: Path, **overrides) -> TrainConfig:
@@ -39,3 +50,113 @@ def fit_interrupted_in_second_epoch(config: TrainConfig, run_dir: Path) -> RunRe
         return fit(config, run_dir=run_dir)
     finally:
         toolkit.train.train_one_epoch = real_epoch
+
+
+# --- a real `toolkit` process, paused at an exact moment and killed with SIGKILL --------------
+
+
+def pause_at_commit(marker: Path, name: str, nth: int = 1) -> str:
+    """Child code: at the `nth` atomic write of a file called `name`, once its temporary is
+    complete but before the rename (toolkit.atomic._commit), write the temporary's path to
+    `marker` and sleep until killed."""
+    return f"""
+import pathlib, time
+import toolkit.atomic as _runs
+_real_commit, _seen = _runs._commit, [0]
+def _paused_commit(tmp, path):
+    if pathlib.Path(path).name == {name!r}:
+        _seen[0] += 1
+        if _seen[0] == {nth}:
+            pathlib.Path({str(marker)!r}).write_text(str(tmp))
+            time.sleep(600)
+    _real_commit(tmp, path)
+_runs._commit = _paused_commit
+"""
+
+
+def pause_in_epoch(marker: Path, epoch: int, step: int) -> str:
+    """Child code: at training step `step` (1-based) of `epoch`, after step - 1 optimizer
+    steps of that epoch, write "epoch E step S" to `marker` and sleep until killed."""
+    return f"""
+import pathlib, time
+import toolkit.engine as _engine, toolkit.train as _train
+_at = [0, 0]
+_real_epoch, _real_inputs = _train.train_one_epoch, _engine._rank_inputs
+def _counting_epoch(*args, **kwargs):
+    _at[0], _at[1] = _at[0] + 1, 0
+    return _real_epoch(*args, **kwargs)
+def _pausing_inputs(*args, **kwargs):
+    _at[1] += 1
+    if _at == [{epoch}, {step}]:
+        pathlib.Path({str(marker)!r}).write_text("epoch {epoch} step {step}")
+        time.sleep(600)
+    return _real_inputs(*args, **kwargs)
+_train.train_one_epoch = _counting_epoch
+_engine._rank_inputs = _pausing_inputs
+"""
+
+
+@contextlib.contextmanager
+def toolkit_process(args: list, log: Path, hook: str = "") -> Iterator[subprocess.Popen]:
+    """`python -m toolkit ARGS` as a child process (its output in `log`); with `hook`, that
+    code runs in the child first, then the same CLI. The child never outlives the block."""
+    if hook:
+        command = [sys.executable, "-c", hook + "\nfrom toolkit.cli import app\napp()\n"]
+    else:
+        command = [sys.executable, "-m", "toolkit"]
+    env = {**os.environ, "TOOLKIT_PROGRESS": "0"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*command, *map(str, args)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=60)
+
+
+def wait_for(
+    ready: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 180
+) -> None:
+    """Poll `ready` until it holds; fail (with the child's output) if the child exits first
+    or `timeout` seconds pass. Never a guessed sleep."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited ({proc.returncode}) early:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"child not ready after {timeout} s:\n{log.read_text()}")
+        time.sleep(0.02)
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    """SIGKILL the child (no handler, no cleanup can run) and check that is how it died."""
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def metrics_epochs(run: Path) -> list[int]:
+    """The epochs metrics.csv has rows for ([] while it does not exist)."""
+    return [r["epoch"] for r in read_metrics(run)]
+
+
+def assert_run_folder_intact(run: Path) -> dict:
+    """Nothing in the run folder is half written: every JSON parses, metrics.csv has its
+    columns and one row per epoch from 1, and every checkpoint loads. Returns last.pt."""
+    for path in run.rglob("*.json"):
+        json.loads(path.read_text())
+    if (run / "metrics.csv").exists():
+        header = (run / "metrics.csv").read_text().splitlines()[0]
+        assert header == ",".join(METRIC_COLUMNS)
+        epochs = metrics_epochs(run)
+        assert epochs == list(range(1, len(epochs) + 1)), epochs
+    for path in run.glob("*.pt"):
+        load_checkpoint(path)
+    return load_checkpoint(run / "last.pt")
+
+
+def temp_files(run: Path) -> list[Path]:
+    """What atomic writes left behind: hidden `.NAME.*.tmp` files and folders."""
+    return sorted(run.rglob(".*.tmp"))

@@ -27,6 +27,19 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _refuse_options_besides(ctx: typer.Context, *allowed: str, why: str) -> None:
+    """Fail when the user gave options (or arguments) that this call would ignore."""
+    # By name: Typer vendors its own copy of click, whose ParameterSource is another enum.
+    given = [
+        param.opts[0] if param.opts[0].startswith("-") else param.name.upper()
+        for param in ctx.command.params
+        if param.name not in allowed
+        and ctx.get_parameter_source(param.name).name not in ("DEFAULT", "DEFAULT_MAP")
+    ]
+    if given:
+        raise ToolkitError(f"{why}; drop {', '.join(given)}")
+
+
 def friendly_errors(fn):
     """Turn ToolkitError into one red line and exit code 2 (no traceback)."""
 
@@ -120,6 +133,10 @@ SPLITS_HELP = "Folder with train.txt, test.txt (optional val.txt): lines 'relati
 DATA_ROOT_HELP = (
     "Where downloads and decoded caches live (default: $TOOLKIT_DATA or ~/.cache/toolkit)."
 )
+BAD_FILES_HELP = (
+    "Unreadable images, non-image files in class folders and unusable split-file lines: "
+    "fail (list them all and stop) or skip (leave them out; the run records which)."
+)
 
 
 def _abs(path: Path | None) -> str | None:
@@ -134,6 +151,7 @@ def _data_options(
     image_size: int | None,
     download: bool,
     val_fraction: float = 0.1,
+    bad_files: str = "fail",
 ):
     """DataOptions with absolute paths, so a run (or resume) works from any folder."""
     from toolkit.data import DataOptions
@@ -146,12 +164,14 @@ def _data_options(
         image_size=image_size,
         val_fraction=val_fraction,
         download=download,
+        bad_files=bad_files,
     )
 
 
 @app.command("train")
 @friendly_errors
 def train_cmd(
+    ctx: typer.Context,
     model: str = typer.Argument(None, help="Model name (see `toolkit models`)."),
     dataset: str = typer.Option("cifar10", help="cifar10 or stl10."),
     data_dir: Path = typer.Option(None, help=DATA_DIR_HELP),
@@ -162,6 +182,7 @@ def train_cmd(
         None, help="Train at this size (STL-10: 32 default, 96 native)."
     ),
     val_fraction: float = typer.Option(0.1, help="Stratified share of train held out as val."),
+    bad_files: str = typer.Option("fail", help=BAD_FILES_HELP),
     recipe: str = typer.Option("default", help="default (modern, fast) or seed (the reference)."),
     epochs: int = typer.Option(None),
     batch_size: int = typer.Option(None),
@@ -175,6 +196,11 @@ def train_cmd(
     cutout: int = typer.Option(None, help="Zero a random NxN square per image (0: off)."),
     label_smoothing: float = typer.Option(None),
     grad_clip: float = typer.Option(None, help="Clip the gradient norm (0: off)."),
+    on_nan: str = typer.Option(
+        "stop",
+        help="A non-finite loss: stop (naming the last good checkpoint) or skip the batch "
+        "(no step; skipped batches are logged; an epoch with no good batch stops).",
+    ),
     dropout: float = typer.Option(None, help="Dropout probability, where the model has it."),
     batch_norm: bool = typer.Option(False, "--batch-norm", help="Add BatchNorm (per model)."),
     width: int = typer.Option(None, help="First-stage channels, where the model has it."),
@@ -193,7 +219,8 @@ def train_cmd(
     from toolkit.train import TrainConfig, fit
 
     if resume is not None:
-        result = fit(TrainConfig(model=model or "net"), resume=resume)
+        _refuse_options_besides(ctx, "resume", why="--resume continues a run with its own options")
+        result = fit(TrainConfig(model="net"), resume=resume)  # the config comes from last.pt
     else:
         if model is None:
             raise ToolkitError(
@@ -202,7 +229,9 @@ def train_cmd(
         config = TrainConfig.from_recipe(
             model,
             recipe,
-            _data_options(dataset, data_dir, splits, data_root, image_size, download, val_fraction),
+            _data_options(
+                dataset, data_dir, splits, data_root, image_size, download, val_fraction, bad_files
+            ),
             model_options=dict(dropout=dropout, batch_norm=batch_norm, width=width),
             overrides=dict(
                 epochs=epochs,
@@ -222,6 +251,7 @@ def train_cmd(
             device=device,
             amp=amp,
             compile=compile_model,
+            on_nan=on_nan,
         )
         result = fit(config, run_dir=run_dir)
     if not result.is_main:  # under torchrun only rank 0 reports
@@ -307,6 +337,7 @@ def reproduce_cmd(
     data_root: Path = typer.Option(None, help=DATA_ROOT_HELP),
     download: bool = typer.Option(True, help="Download the official files when missing."),
     image_size: int = typer.Option(None, help="Train at this size (STL-10: 32 default)."),
+    bad_files: str = typer.Option("fail", help=BAD_FILES_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Every seed experiment of DATASET: train, evaluate, export, then OUT/report.md."""
@@ -314,7 +345,9 @@ def reproduce_cmd(
 
     from toolkit.reproduce import build_plan, execute, plan_lines
 
-    data = _data_options(dataset, data_dir, splits, data_root, image_size, download)
+    data = _data_options(
+        dataset, data_dir, splits, data_root, image_size, download, bad_files=bad_files
+    )
     out = out or Path("reports") / dataset
     plan = build_plan(dataset, recipe, out, data, epochs=epochs, device=device, only=only)
     if dry_run:

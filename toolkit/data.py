@@ -11,6 +11,18 @@ Sources, all real:
 
 mean/std are computed from the source's training split and stored with the cache; nothing
 here (or anywhere) pastes them.
+
+Bad data (`DataOptions.bad_files`, `--bad-files fail|skip`): an image that does not decode
+(missing, empty, not an image, truncated, damaged), an entry of a class folder that is not an
+image file (README.txt, a sub-folder), and a split-file line that cannot be used (no label, a
+label that is not an integer or is out of range) are *bad files*, each reported as `path: why`
+or `split.txt:line: why`. All of them are collected in one pass; "fail" (the default) then
+stops with one error listing them, "skip" leaves them out with a warning and records them in
+the bundle (`DataBundle.skipped`, and in `info()`). Hidden files (.DS_Store, ._name) and
+Thumbs.db / desktop.ini are neither read nor reported (SYSTEM_FILES). Grey, RGBA, palette,
+CMYK and 16-bit images are not bad: they convert to RGB.
+Whatever makes a whole source unreadable is always an error: an official binary or batch of
+the wrong size, a split file that is not UTF-8 text, labels that mix 0..K-1 and 1..K.
 """
 
 from __future__ import annotations
@@ -18,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +38,18 @@ import numpy as np
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.images import IMAGE_SUFFIXES, load_image, prepare
+from toolkit.formats import read_cifar10_batches, read_stl10_binary
+from toolkit.images import UnreadableImage, load_image, prepare
+from toolkit.listing import Listed, label_base, parse_split_file, scan_image_folder, split_listing
 from toolkit.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 DATA_ENV = "TOOLKIT_DATA"
+BAD_FILE_POLICIES = ("fail", "skip")
+SKIPPED_IN_INFO = 100  # bad files named in DataBundle.info(); all of them are counted
+BAD_FILES_SHOWN = 5  # bad files named in an error or warning; all of them are counted
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,7 @@ class DataBundle:
     source: dict  # how to load this again: {"kind", "path", ...}
     fingerprint: str
     val_is_carved: bool
+    skipped: tuple[str, ...] = ()  # bad files left out under --bad-files skip: 'where: why'
 
     def info(self) -> dict:
         """The dataset facts stored in checkpoints and, later, in ONNX metadata."""
@@ -106,6 +123,9 @@ class DataBundle:
             "image_size": self.image_size,
             "source": self.source,
             "fingerprint": self.fingerprint,
+            # Capped: every checkpoint carries this, and the count says how much is missing.
+            "skipped_count": len(self.skipped),
+            "skipped_files": list(self.skipped[:SKIPPED_IN_INFO]),
         }
 
 
@@ -120,64 +140,19 @@ class DataOptions:
     image_size: int | None = None
     val_fraction: float = 0.1
     download: bool = True
+    # "fail": stop with one error listing every bad file; "skip": leave them out, warn, and
+    # record them in the run. See the module docstring for what counts as a bad file.
+    bad_files: str = "fail"
+
+    def __post_init__(self):
+        if self.bad_files not in BAD_FILE_POLICIES:
+            raise ToolkitError(
+                f"--bad-files must be {' or '.join(BAD_FILE_POLICIES)}, got '{self.bad_files}'"
+            )
 
 
 def default_data_root() -> Path:
     return Path(os.environ.get(DATA_ENV) or Path.home() / ".cache" / "toolkit")
-
-
-# --- readers for the official on-disk formats ------------------------------------------------
-
-
-def read_cifar10_batches(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """cifar-10-batches-py: pickled dicts with b'data' (N×3072 uint8, CHW rows) and b'labels'."""
-    names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-    out = {}
-    for split, files in names.items():
-        images, labels = [], []
-        for name in files:
-            path = folder / name
-            try:
-                with open(path, "rb") as f:
-                    batch = pickle.load(f, encoding="latin1")
-                data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-                batch_labels = np.asarray(batch["labels"], dtype=np.int64)
-            except FileNotFoundError:
-                raise
-            except Exception as exc:
-                raise ToolkitError(f"'{path}' is not a CIFAR-10 python batch ({exc})") from exc
-            if len(data) != len(batch_labels):
-                raise ToolkitError(f"'{path}': {len(data)} images but {len(batch_labels)} labels")
-            images.append(data)
-            labels.append(batch_labels)
-        out[split] = (np.concatenate(images), np.concatenate(labels))
-    return out
-
-
-STL10_SIDE = 96
-
-
-def read_stl10_binary(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """stl10_binary: {split}_X.bin uint8 N×3×96×96 column-major, {split}_y.bin labels 1..10."""
-    per_image = 3 * STL10_SIDE * STL10_SIDE
-    out = {}
-    for split in ("train", "test"):
-        x_path, y_path = folder / f"{split}_X.bin", folder / f"{split}_y.bin"
-        raw = np.fromfile(x_path, dtype=np.uint8)
-        labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64)
-        if raw.size % per_image:
-            raise ToolkitError(
-                f"'{x_path}' is {raw.size} bytes, not a whole number of 3×96×96 images"
-            )
-        images = raw.reshape(-1, 3, STL10_SIDE, STL10_SIDE).transpose(0, 1, 3, 2)  # col-major
-        if len(images) != len(labels):
-            raise ToolkitError(
-                f"'{x_path}' has {len(images)} images but '{y_path}' has {len(labels)} labels"
-            )
-        if labels.size and (labels.min() < 1 or labels.max() > 10):
-            raise ToolkitError(f"'{y_path}': labels must be 1..10")
-        out[split] = (np.ascontiguousarray(images), labels - 1)
-    return out
 
 
 DOWNLOADS = {
@@ -216,12 +191,24 @@ def resize_array(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-# --- image folders and split files ------------------------------------------------------------
+# --- decoding image files ---------------------------------------------------------------------
 
 
-def _decode_files(paths: list[Path], size: int, what: str) -> np.ndarray:
-    """Decode many files in parallel threads (PIL releases the GIL while decoding)."""
+def _decode_one(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return load_image(path, size), None
+    except UnreadableImage as exc:
+        return None, exc.reason
+
+
+def _decode_files(paths: list[Path], size: int, what: str) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode many files in parallel threads (PIL releases the GIL while decoding).
+
+    Returns the images that decoded, in order, and {index: why} for the files that did not:
+    one pass finds every bad file.
+    """
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    failures: dict[int, str] = {}
     chunk = 512
     with (
         ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool,
@@ -229,85 +216,68 @@ def _decode_files(paths: list[Path], size: int, what: str) -> np.ndarray:
     ):
         for start in range(0, len(paths), chunk):
             block = paths[start : start + chunk]
-            for i, array in enumerate(pool.map(lambda p: load_image(p, size), block)):
-                out[start + i] = array.transpose(2, 0, 1)
+            for i, (array, why) in enumerate(pool.map(lambda p: _decode_one(p, size), block)):
+                if why is None:
+                    out[start + i] = array.transpose(2, 0, 1)
+                else:
+                    failures[start + i] = why
             bar.advance(len(block))
-    return out
+    if failures:
+        out = np.delete(out, list(failures), axis=0)
+    return out, failures
 
 
-def list_image_folder(split_dir: Path, spec: DatasetSpec) -> tuple[list[Path], np.ndarray]:
-    """<split_dir>/<class>/<image>: class folders must be the spec's classes."""
-    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    unknown = sorted(set(found) - set(spec.classes))
-    if unknown or not found:
-        raise ToolkitError(
-            f"'{split_dir}' should hold one folder per {spec.name} class "
-            f"({', '.join(spec.classes)}); found: {', '.join(found) or 'none'}"
-        )
-    paths, labels = [], []
-    for label, name in enumerate(spec.classes):
-        folder = split_dir / name
-        if not folder.is_dir():
-            continue
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        paths += files
-        labels += [label] * len(files)
-    if not paths:
-        raise ToolkitError(f"no images found under '{split_dir}'")
-    return paths, np.asarray(labels, dtype=np.int64)
-
-
-def read_split_file(path: Path, num_classes: int) -> tuple[list[Path], list[int], list[int]]:
-    """`relative/path label` per line (paths relative to the file's folder).
-
-    Returns paths, raw labels and line numbers; blank lines and CRLF endings are fine.
-    """
-    paths, labels, lines = [], [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ToolkitError(f"{path}:{number}: expected 'relative/path label', got '{line}'")
-        paths.append(path.parent / parts[0])
-        labels.append(int(parts[1]))
-        lines.append(number)
-    if not paths:
-        raise ToolkitError(f"'{path}' lists no images")
-    return paths, labels, lines
-
-
-def _split_file_labels(files: dict[str, tuple], num_classes: int) -> dict[str, np.ndarray]:
-    """Labels 1..K (the STL-10 reference) or 0..K-1, decided once over all split files:
-    no label 0 anywhere means 1-based."""
-    one_based = min(label for _, labels, _ in files.values() for label in labels) >= 1
-    out = {}
-    for split, (_, labels, lines) in files.items():
-        shifted = np.asarray(labels, dtype=np.int64) - (1 if one_based else 0)
-        bad = np.flatnonzero((shifted < 0) | (shifted >= num_classes))
-        if bad.size:
-            i = bad[0]
+def _decode_listed(listed: dict[str, Listed], size: int) -> dict:
+    """Decode every split; the result also holds every bad file found, as 'where: why'."""
+    out, bad = {}, []
+    for split, entry in listed.items():
+        images, failures = _decode_files(entry.paths, size, f"{split} images")
+        labels = np.delete(entry.labels, list(failures))
+        bad += entry.bad + [entry.failure(i, why) for i, why in failures.items()]
+        if not len(labels):
             raise ToolkitError(
-                f"{split}.txt:{lines[i]}: label {labels[i]} is outside "
-                f"{'1..' + str(num_classes) if one_based else '0..' + str(num_classes - 1)}"
+                f"no usable images left in the {split} split; {_bad_summary(sorted(bad))}"
             )
-        out[split] = shifted
+        out[split] = _as_tensors(images, labels)
+    out["bad_files"] = [str(b) for b in sorted(bad)]
     return out
+
+
+def _bad_summary(bad: list) -> str:
+    """'N bad files: first; second; ...; and M more' — the count and the first few."""
+    shown = "; ".join(str(b) for b in bad[:BAD_FILES_SHOWN])
+    more = f"; and {len(bad) - BAD_FILES_SHOWN} more" if len(bad) > BAD_FILES_SHOWN else ""
+    return f"{len(bad)} bad file{'' if len(bad) == 1 else 's'}: {shown}{more}"
+
+
+def _apply_bad_file_policy(bad: list[str], policy: str) -> None:
+    """'fail' stops on any bad file; 'skip' has already left them out and says so."""
+    if not bad:
+        return
+    if policy == "fail":
+        raise ToolkitError(
+            f"{_bad_summary(bad)}. Fix or remove them, or pass --bad-files skip to leave them out"
+        )
+    log.warning("--bad-files skip: left out %s", _bad_summary(bad))
 
 
 # --- the cache -------------------------------------------------------------------------------
 
 
 def _listing_key(files: list[Path]) -> str:
-    """Cheap change detector for the cache: names, sizes, modification times."""
+    """Cheap change detector for the cache: names, sizes, modification times.
+
+    Bad files are part of the listing too (a missing one as 'missing'), so fixing, adding or
+    removing one rebuilds the cache instead of replaying its old verdict.
+    """
     digest = hashlib.sha1()
     for path in files:
         try:
             st = path.stat()
-        except FileNotFoundError as exc:
-            raise ToolkitError(f"image '{path}' listed but missing") from exc
-        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        digest.update(f"{path}\0{stamp}\n".encode())
     return digest.hexdigest()
 
 
@@ -342,7 +312,7 @@ def _load_or_build(cache_file: Path, build) -> dict:
     built["std"] = train.std(dim=(0, 2, 3)).tolist()
     built["cache_version"] = CACHE_VERSION
     try:
-        from toolkit.runs import atomic_torch_save
+        from toolkit.atomic import atomic_torch_save
 
         atomic_torch_save(cache_file, built)
     except OSError as exc:  # a read-only cache folder only costs time
@@ -398,12 +368,10 @@ def _build_folder(spec: DatasetSpec, root: Path, size: int):
         raise ToolkitError(
             f"'{root}' has no train/ folder; expected train/<class>/*.png and test/<class>/..."
         )
-    listed = {s: list_image_folder(d, spec) for s, d in splits.items()}
-    listing = _listing_key([p for paths, _ in listed.values() for p in paths])
-    return listing, lambda: {
-        s: _as_tensors(_decode_files(paths, size, f"{s} images"), labels)
-        for s, (paths, labels) in listed.items()
-    }
+    listed = {s: scan_image_folder(d, spec) for s, d in splits.items()}
+    images = [p for entry in listed.values() for p in entry.paths]
+    others = [Path(b.file) for entry in listed.values() for b in entry.bad]
+    return _listing_key(images + others), lambda: _decode_listed(listed, size)
 
 
 def _build_splits(spec: DatasetSpec, root: Path, size: int):
@@ -412,13 +380,12 @@ def _build_splits(spec: DatasetSpec, root: Path, size: int):
     }
     if "train" not in files:
         raise ToolkitError(f"'{root}' has no train.txt (lines 'relative/path label')")
-    parsed = {s: read_split_file(p, spec.num_classes) for s, p in files.items()}
-    labels = _split_file_labels(parsed, spec.num_classes)
-    listing = _listing_key([p for paths, _, _ in parsed.values() for p in paths])
-    return listing, lambda: {
-        s: _as_tensors(_decode_files(paths, size, f"{s} images"), labels[s])
-        for s, (paths, _, _) in parsed.items()
-    }
+    parsed = {s: parse_split_file(p) for s, p in files.items()}
+    base = label_base(parsed, spec.num_classes)
+    listed = {s: split_listing(f, base, spec.num_classes) for s, f in parsed.items()}
+    # The split files themselves are watched too: a fixed label must rebuild the cache.
+    images = [p for entry in listed.values() for p in entry.paths]
+    return _listing_key(list(files.values()) + images), lambda: _decode_listed(listed, size)
 
 
 def carve_val(
@@ -457,11 +424,18 @@ def load_data(options: DataOptions, seed: int = 0) -> DataBundle:
     else:
         listing, build = _build_official(spec, data_root, size, options.download)
 
+    # The bad-file policy is not part of the key: a cache holds the images that decoded *and*
+    # the list of bad files, so "fail" and "skip" read the same entry and each applies its own
+    # rule (and the `--bad-files skip` rerun that a failure suggests starts from the cache).
     key = hashlib.sha1(
         f"{CACHE_VERSION}|{spec.name}|{source}|{size}|{listing}".encode()
     ).hexdigest()[:16]
     cache_file = data_root / "cache" / f"{spec.name}-{source['kind']}-{size}px-{key}.pt"
     tensors = _load_or_build(cache_file, build)
+    # Caches from before bad files were recorded hold none: they were only written when
+    # every listed file decoded.
+    bad = list(tensors.get("bad_files", []))
+    _apply_bad_file_policy(bad, options.bad_files)
 
     train_images, train_labels = tensors["train"]
     if "val" in tensors:
@@ -485,4 +459,5 @@ def load_data(options: DataOptions, seed: int = 0) -> DataBundle:
         source=source,
         fingerprint=tensors["content_sha1"],
         val_is_carved=carved,
+        skipped=tuple(bad),
     )

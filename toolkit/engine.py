@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -245,10 +246,12 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class EpochResult:
-    loss: float
+    loss: float  # over the batches that stepped
     acc: float
     seconds: float
     images_per_second: float
+    skipped: int = 0  # batches left out for a non-finite loss or gradient (skip_nonfinite)
+    batches: int = 0
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,9 @@ class StepOptions:
     label_smoothing: float = 0.0
     grad_clip: float = 0.0
     precision: Precision = FP32
+    # --on-nan skip: a batch whose loss or gradients are not finite takes no step (costs one
+    # host sync per batch); off, divergence is caught every SYNC_EVERY steps and stops.
+    skip_nonfinite: bool = False
 
 
 class _QuietBar:
@@ -273,20 +279,84 @@ def _progress(show: bool, total: int, description: str):
     return progress_bar(total, description) if show else contextlib.nullcontext(_QuietBar())
 
 
-def _backward_and_step(loss, net, optimizer, scaler, grad_clip: float) -> None:
+def _backward(loss, optimizer, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def _step(net, optimizer, scaler, grad_clip: float) -> None:
     if scaler is None:
-        loss.backward()
         if grad_clip:
             nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         optimizer.step()
         return
-    scaler.scale(loss).backward()
     if grad_clip:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
     scaler.update()
+
+
+def _backward_and_step(loss, net, optimizer, scaler, grad_clip: float) -> None:
+    _backward(loss, optimizer, scaler)
+    _step(net, optimizer, scaler, grad_clip)
+
+
+class _BufferGuard:
+    """The net's buffers (BatchNorm running statistics) as they were before a batch's
+    forward pass, so a skipped batch leaves no trace in them either."""
+
+    def __init__(self, net: nn.Module):
+        self.buffers = list(net.buffers())
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    def save(self) -> None:
+        for saved, buffer in zip(self.saved, self.buffers, strict=True):
+            saved.copy_(buffer)
+
+    def restore(self) -> None:
+        for saved, buffer in zip(self.saved, self.buffers, strict=True):
+            buffer.copy_(saved)
+
+
+def _all_finite(loss, optimizer, scaler, dist: Context) -> bool:
+    """Whether this batch's loss, and its gradients, are finite on every rank.
+
+    With loss scaling (fp16) inf gradients are the scaler's business: it skips that step and
+    lowers the scale, so only the loss is checked. Under DDP the gradients are already
+    averaged (identical on every rank) but losses are per rank, so the verdict is summed:
+    every rank then skips, or steps, alike.
+    """
+    finite = torch.isfinite(loss.detach()).all()
+    if scaler is None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            finite = finite & torch.stack([g.isfinite().all() for g in grads]).all()
+    votes = dist.sum(finite.to(torch.float32).reshape(1))
+    return bool(votes.item() == dist.world_size)  # the host sync skip mode pays per batch
+
+
+def _advance_schedule(scheduler) -> None:
+    """Step the schedule for a skipped batch: the epoch keeps its length, a resumed run its
+    exact schedule. Torch warns about a scheduler step before any optimizer step, which is
+    exactly what skipping the first batches means here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
+
+
+def _optimise(loss, net, optimizer, scaler, options: StepOptions, guard, dist) -> bool:
+    """Backward and step; returns False when skip mode left the batch out instead."""
+    if guard is None:
+        _backward_and_step(loss, net, optimizer, scaler, options.grad_clip)
+        return True
+    _backward(loss, optimizer, scaler)
+    if _all_finite(loss, optimizer, scaler, dist):
+        _step(net, optimizer, scaler, options.grad_clip)
+        return True
+    optimizer.zero_grad(set_to_none=True)  # no non-finite gradient may reach a later step
+    guard.restore()
+    return False
 
 
 def _rank_inputs(
@@ -324,46 +394,57 @@ def train_one_epoch(
     """
     net.train()
     batches = epoch_batches(len(split), options.batch_size, generator, dist.world_size)
+    guard = _BufferGuard(net) if options.skip_nonfinite else None
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)
-    seen = 0
+    seen = skipped = 0
     start = time.perf_counter()
     with _progress(dist.is_main, len(batches), description) as bar:
         for step, batch in enumerate(batches):
             part = dist.shard(len(batch))
             x, labels = _rank_inputs(split, batch, part, normalize, options, generator, device)
+            if guard is not None:
+                guard.save()
             with options.precision.autocast(device):
                 logits = net(x)
                 loss = F.cross_entropy(logits, labels, label_smoothing=options.label_smoothing)
             # DDP averages the ranks' gradients; weighting each rank's mean by its share of
             # the batch makes that average the whole batch's mean even when chunks differ.
             weight = len(labels) * dist.world_size / len(batch) if dist.is_distributed else 1.0
-            _backward_and_step(
-                loss * weight if weight != 1.0 else loss,
-                net,
-                optimizer,
-                scaler,
-                options.grad_clip,
-            )
-            scheduler.step()
-            total_loss += loss.detach().double() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
+            weighted = loss * weight if weight != 1.0 else loss
+            if _optimise(weighted, net, optimizer, scaler, options, guard, dist):
+                total_loss += loss.detach().double() * len(labels)
+                correct += (logits.argmax(1) == labels).sum()
+                seen += len(labels)
+                scheduler.step()
+            else:
+                skipped += 1
+                _advance_schedule(scheduler)
             if step % SYNC_EVERY == 0 or step == len(batches) - 1:
                 # A NaN anywhere in the epoch stays in the running sum: checking it here
                 # catches divergence without a host sync every step.
                 if not torch.isfinite(total_loss):
                     raise FloatingPointError(f"loss became {total_loss.item()} by batch {step}")
                 elapsed = time.perf_counter() - start
+                shown, rate = max(seen, 1), seen * dist.world_size / elapsed
                 bar.update(
-                    status=f"loss {total_loss.item() / seen:.3f} "
-                    f"acc {correct.item() / seen:.3f} {seen * dist.world_size / elapsed:,.0f} img/s"
+                    status=f"loss {total_loss.item() / shown:.3f} "
+                    f"acc {correct.item() / shown:.3f} {rate:,.0f} img/s"
                 )
             bar.advance(1)
+    if skipped and skipped == len(batches):  # verdicts are global: every rank raises alike
+        raise FloatingPointError(f"the loss or gradients were not finite in all {skipped} batches")
     totals = dist.sum(torch.stack([total_loss, correct, total_loss.new_tensor(seen)]))
     loss_sum, correct_sum, seen_all = totals.tolist()
     seconds = time.perf_counter() - start
-    return EpochResult(loss_sum / seen_all, correct_sum / seen_all, seconds, seen_all / seconds)
+    return EpochResult(
+        loss_sum / seen_all,
+        correct_sum / seen_all,
+        seconds,
+        seen_all / seconds,
+        skipped=skipped,
+        batches=len(batches),
+    )
 
 
 # --- evaluation ------------------------------------------------------------------------------

@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from toolkit import plots
-from toolkit.data import DataBundle, DataOptions, Split, load_data
-from toolkit.errors import ToolkitError
-from toolkit.runs import (
+from toolkit.atomic import (
+    atomic_folder,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    load_checkpoint,
-    read_json,
-    write_csv_rows,
+    remove_stale_temp,
 )
+from toolkit.data import DataBundle, DataOptions, Split, load_data
+from toolkit.errors import ToolkitError
+from toolkit.runs import load_checkpoint, read_json, write_csv_rows
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _write_reports(out: Path, metrics: dict, classes: list[str]) -> None:
 
 
 def _write_failures(out: Path, split: Split, logits: torch.Tensor, classes: list[str]) -> None:
-    """failures/<index>.png, failures.json and the failures.png grid; stale PNGs removed."""
+    """failures/<index>.png, failures.json and the failures.png grid."""
     entries, images, titles = [], [], []
     for f in select_failures(split.labels, logits):
         chw = split.images[f["index"]].numpy()
@@ -202,11 +202,6 @@ def _write_failures(out: Path, split: Split, logits: torch.Tensor, classes: list
         entries.append(entry)
         images.append(chw)
         titles.append(f"{entry['true']} → {entry['predicted']} ({entry['confidence']:.2f})")
-    # An earlier evaluation's images would otherwise linger beside the new gallery.
-    keep = {Path(e["file"]).name for e in entries}
-    for stale in (out / "failures").glob("*.png"):
-        if stale.name not in keep:
-            stale.unlink()
     atomic_write_json(out / "failures.json", entries)
     atomic_write_bytes(out / "failures.png", plots.failures_png(images, titles))
 
@@ -243,6 +238,24 @@ def evaluate_run(
     metrics = compute_metrics(chosen.labels, logits, classes)
 
     out = run.path / SPLITS[split]
+    # A killed evaluation's staging folder; two evaluations of one split at once are not
+    # supported (the later rename would win anyway).
+    remove_stale_temp(run.path, out.name)
+    # Written into a fresh hidden folder that replaces `out` whole at the end: a kill leaves
+    # the previous evaluation (or none), never a mix, and no earlier file (an old failure
+    # image) lingers beside the new ones.
+    with atomic_folder(out) as staging:
+        record = _write_evaluation(staging, run, chosen, logits, metrics, split)
+    log.info("%s accuracy %.4f, reports in %s", split, metrics["accuracy"], out)
+    keys = ("split", "n", "accuracy", "loss", "macro_f1", "checkpoint_epoch")
+    return {**{k: record[k] for k in keys}, "run": str(run.path), "eval_dir": str(out)}
+
+
+def _write_evaluation(
+    out: Path, run: _Run, chosen: Split, logits: torch.Tensor, metrics: dict, split: str
+) -> dict:
+    """Every file of an evaluation into `out`; returns metrics.json's record."""
+    ckpt, classes = run.ckpt, list(run.ckpt["dataset"]["classes"])
     _write_reports(out, metrics, classes)
     _write_failures(out, chosen, logits, classes)
     title = f"{ckpt['model']['name']} · {split} accuracy {metrics['accuracy']:.2%}"
@@ -258,11 +271,10 @@ def evaluate_run(
         "dataset": {k: ckpt["dataset"][k] for k in ("name", "image_size", "source", "fingerprint")},
         "evaluated_at": datetime.now().isoformat(timespec="seconds"),
     }
-    # metrics.json last: when it exists, everything beside it is from this evaluation.
+    # Last, though the folder is swapped in whole: an older reader may still treat a present
+    # metrics.json as the mark of a finished evaluation.
     atomic_write_json(out / "metrics.json", record)
-    log.info("%s accuracy %.4f, reports in %s", split, metrics["accuracy"], out)
-    keys = ("split", "n", "accuracy", "loss", "macro_f1", "checkpoint_epoch")
-    return {**{k: record[k] for k in keys}, "run": str(run.path), "eval_dir": str(out)}
+    return record
 
 
 # --- compare_runs ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit import __version__
+from toolkit.atomic import atomic_write_bytes, atomic_write_json
 from toolkit.bench import (
     CPU,
     DEFAULT_TIMING,
@@ -67,13 +68,7 @@ from toolkit.quantize import (
     report_shape,
     static_columns,
 )
-from toolkit.runs import (
-    atomic_write_bytes,
-    atomic_write_json,
-    build_classifier,
-    check_writable,
-    load_checkpoint,
-)
+from toolkit.runs import build_classifier, check_writable, load_checkpoint
 from toolkit.triton import write_triton_repo
 
 __all__ = ["export_run", "print_report", "bench_models", "print_bench", "REQUIRED_AGREEMENT"]

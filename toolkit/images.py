@@ -2,6 +2,11 @@
 
 The same rules serve training data and (mirrored in serving/) uploads: EXIF orientation, any
 mode to RGB (16-bit scaled down, not clipped), centre-crop to a square, bilinear resize.
+Grey, grey+alpha, palette, CMYK, RGBA and 16-bit (grey or RGB) files are all valid input.
+
+A file that cannot be decoded (missing, empty, not an image, truncated, damaged) raises
+`UnreadableImage`, which names the file and says why in a few words (`reason`), so the data
+loader can list every bad file at once instead of stopping at the first.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from toolkit.errors import ToolkitError
 
@@ -51,11 +56,55 @@ def prepare(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+class UnreadableImage(ToolkitError):
+    """An image file that cannot be decoded; `reason` says why without repeating the path."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot read image '{path}': {reason}")
+        self.path, self.reason = path, reason
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Read a file -> H×W×3 uint8; any decoding problem is a ToolkitError naming the file."""
+    """Read a file -> H×W×3 uint8; any decoding problem is an UnreadableImage naming the file."""
     try:
         with Image.open(path) as image:
             image.seek(0)  # first frame of an animation
             return prepare(image, size)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ToolkitError(f"cannot read image '{path}': {exc}") from exc
+    except Exception as exc:
+        # Pillow's format plugins raise many types on malformed input (OSError and its
+        # UnidentifiedImageError, SyntaxError, ValueError, EOFError, struct.error, ...): a data
+        # file is input, never code, so whatever decoding it raises is that file's fault.
+        raise UnreadableImage(path, failure_reason(path, exc)) from exc
+
+
+def failure_reason(path: Path, exc: BaseException) -> str:
+    """A few words on why `path` did not decode, for a list of bad files."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder, not an image file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, UnidentifiedImageError):
+        # Pillow says the same for an empty file and for text renamed .png; the user's fix differs.
+        if _size(path) == 0:
+            return "empty file (0 bytes)"
+        return "not an image (no format Pillow reads; a renamed or non-image file?)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too many pixels ({_first_line(exc)})"
+    text = _first_line(exc)
+    if "truncated" in text.lower():
+        return f"truncated image ({text})"
+    return f"damaged image ({type(exc).__name__}: {text})"
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -18,10 +18,11 @@ import torch
 
 from toolkit import report_notes as notes
 from toolkit import report_plots
+from toolkit.atomic import atomic_write_text
 from toolkit.bench import CPU, cpu_info
 from toolkit.report_notes import duration, kb, md_table, pct
 from toolkit.reproduce import EVAL_METRICS, EXPORT_REPORT, PlannedRun, run_state
-from toolkit.runs import atomic_write_text, read_json, read_metrics, write_csv_rows
+from toolkit.runs import read_json, read_metrics, write_csv_rows
 
 log = logging.getLogger(__name__)
 

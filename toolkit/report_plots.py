@@ -19,8 +19,9 @@ from matplotlib.lines import Line2D
 from PIL import Image
 
 from toolkit import plots
+from toolkit.atomic import atomic_write_bytes
 from toolkit.plots import figure_png
-from toolkit.runs import atomic_write_bytes, read_json
+from toolkit.runs import read_json
 
 MARKERS = {"default": "o", "seed": "s"}
 LINES = {"default": "-", "seed": "--"}

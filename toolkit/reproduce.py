@@ -136,6 +136,8 @@ def train_command(run: PlannedRun) -> str:
             args += [flag, str(value)]
     if d.val_fraction != DataOptions().val_fraction:
         args += ["--val-fraction", str(d.val_fraction)]
+    if d.bad_files != DataOptions().bad_files:
+        args += ["--bad-files", d.bad_files]
     if not d.download:
         args.append("--no-download")
     if c.seed != recipes.COMMON["seed"]:
@@ -219,10 +221,12 @@ def check_same_config(run: PlannedRun) -> None:
     if not path.is_file():
         return
     stored, planned = read_json(path), asdict(run.config)
+    # Folders written before a data option existed hold its default.
+    stored["data"] = {**asdict(DataOptions()), **stored.get("data", {})}
     # Neither the device nor where the decoded cache lives changes what is trained (fit checks
     # the data's fingerprint on resume); every other option does.
     for config in (stored, planned):
-        config["data"] = {k: v for k, v in config.get("data", {}).items() if k not in _CACHE_ONLY}
+        config["data"] = {k: v for k, v in config["data"].items() if k not in _CACHE_ONLY}
     differing = sorted(k for k in planned if k != "device" and stored.get(k) != planned[k])
     if differing:
         raise ToolkitError(

@@ -1,4 +1,4 @@
-"""Run folders and self-describing checkpoints, all written atomically.
+"""Run folders and self-describing checkpoints, all written atomically (toolkit.atomic).
 
 A run folder holds everything a run produced: config.json, metrics.csv, train.log,
 TensorBoard events, best.pt / last.pt, and later eval/ and export/. A checkpoint is a plain
@@ -23,8 +23,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import tempfile
+import pickle
+import re
+import shutil
+import warnings
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from toolkit import __version__
+from toolkit.atomic import atomic_write_text
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
@@ -51,60 +54,6 @@ METRIC_COLUMNS = (
     "seconds",
     "img_per_s",
 )
-
-
-# --- atomic writes ---------------------------------------------------------------------------
-
-
-def _readable_mode() -> int:
-    """0o666 minus the umask: what open() would give, not mkstemp's owner-only 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash (even SIGKILL) leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), _readable_mode())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, _readable_mode())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- run folders -----------------------------------------------------------------------------
@@ -192,6 +141,27 @@ def check_writable(folder: Path, what: str, option: str) -> None:
         ) from exc
 
 
+def check_free_space(folder: Path, need_bytes: int, what: str, fix: str) -> None:
+    """Fail before any work when the disk holding `folder` has less than `need_bytes` free.
+
+    `what` names the folder for the user ("run folder"), `fix` says what to do instead.
+    """
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        mib = 2**20
+        raise ToolkitError(
+            f"not enough free space for {what} '{folder}': about {need_bytes / mib:,.0f} MiB "
+            f"needed, {free / mib:,.0f} MiB free; {fix}"
+        )
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """metrics.csv from a run's history (one dict per epoch, METRIC_COLUMNS and more)."""
+    write_csv_rows(
+        run_dir / "metrics.csv", METRIC_COLUMNS, [[r[c] for c in METRIC_COLUMNS] for r in history]
+    )
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """metrics.csv as a list of dicts with float values (epoch as int)."""
     path = Path(run_dir) / "metrics.csv"
@@ -248,27 +218,77 @@ def unwrap(net: nn.Module) -> nn.Module:
             return net
 
 
+# What every checkpoint has; build_net, evaluate and export read these without checking.
+CHECKPOINT_FIELDS = {
+    "model": dict,
+    "dataset": dict,
+    "epoch": int,
+    "state_dict": dict,
+    "config": dict,
+}
+
+
 def load_checkpoint(path: Path) -> dict:
-    """Load a toolkit checkpoint safely (weights_only) and check that it is one."""
+    """Load a toolkit checkpoint safely and check that it is one this toolkit can read.
+
+    weights_only: tensors, numbers, strings, lists and dicts only, so a file that is not a
+    checkpoint (a foreign or malicious pickle) fails here without running any of its code.
+    """
     path = Path(path)
     if not path.is_file():
         raise ToolkitError(f"checkpoint '{path}' not found; has this run finished an epoch?")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, foreign pickle, random bytes...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        with warnings.catch_warnings():  # torch's note on a foreign pickle's protocol: noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, random bytes, a foreign or malicious pickle...
         raise ToolkitError(
-            f"'{path}' is not a readable toolkit checkpoint ({first_line[:200]})"
+            f"'{path}' is not a readable toolkit checkpoint ({_unreadable_reason(path, exc)})"
         ) from exc
+    _check_checkpoint(ckpt, path)
+    return ckpt
+
+
+def _unreadable_reason(path: Path, exc: Exception) -> str:
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(exc, pickle.UnpicklingError):  # what weights_only refused to unpickle
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if code:
+            return f"it calls Python code ({code.group(1)}); refused without running it"
+        return "not a torch checkpoint file, or a damaged one; nothing in it was run"
+    return error_summary(exc)
+
+
+def error_summary(exc: BaseException, limit: int = 160) -> str:
+    """One informative line of a library's (often multi-line, sometimes coloured) message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # "Error(s) in loading state_dict for Sequential:" says less than the line after it.
+    useful = [line for line in lines if not line.endswith(":")] or lines
+    if not useful:
+        return type(exc).__name__
+    line = useful[0].split(". ")[0]  # the first sentence; the rest is usually advice
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _check_checkpoint(ckpt: Any, path: Path) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ToolkitError(f"'{path}' is not a toolkit checkpoint (no '{CHECKPOINT_FORMAT}' tag)")
-    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ToolkitError(f"'{path}' has no valid checkpoint format version ({version!r})")
+    if version > CHECKPOINT_VERSION:
         raise ToolkitError(
             f"'{path}' was written by toolkit {ckpt.get('toolkit_version')} with checkpoint "
-            f"format {ckpt['format_version']}; this toolkit ({__version__}) reads up to "
+            f"format {version}; this toolkit ({__version__}) reads up to "
             f"{CHECKPOINT_VERSION}. Upgrade the toolkit."
         )
-    return ckpt
+    missing = [k for k, kind in CHECKPOINT_FIELDS.items() if not isinstance(ckpt.get(k), kind)]
+    if missing:
+        raise ToolkitError(
+            f"'{path}' is a damaged toolkit checkpoint (no valid {', '.join(missing)})"
+        )
 
 
 def build_net(ckpt: dict) -> nn.Module:
@@ -288,7 +308,7 @@ def build_net(ckpt: dict) -> nn.Module:
     except RuntimeError as exc:
         raise ToolkitError(
             f"checkpoint weights do not fit model '{info['name']}' {info['options']}: "
-            f"{str(exc).splitlines()[0]}"
+            f"{error_summary(exc)}"
         ) from exc
     return net.eval()
 

@@ -18,6 +18,11 @@ import torch
 from torch import nn
 
 from toolkit import __version__, distributed, recipes
+from toolkit.atomic import (
+    WriteError,
+    atomic_torch_save,
+    atomic_write_json,
+)
 from toolkit.data import DataBundle, DataOptions, load_data
 from toolkit.engine import (
     EVAL_BATCH_SIZE,
@@ -36,20 +41,25 @@ from toolkit.engine import (
 from toolkit.errors import ToolkitError
 from toolkit.models import count_parameters, create_model, resolve_options
 from toolkit.recipes import lr_factor, make_optimizer
+from toolkit.resume import load_resume_state, repair_run_folder
 from toolkit.runs import (
-    METRIC_COLUMNS,
     RunLog,
-    atomic_torch_save,
-    atomic_write_json,
+    check_free_space,
     check_writable,
-    load_checkpoint,
+    error_summary,
     make_checkpoint,
     new_run_dir,
     open_tensorboard,
-    write_csv_rows,
+    write_metrics,
 )
 
 log = logging.getLogger("toolkit.train")
+
+ON_NAN = ("stop", "skip")  # --on-nan: what a non-finite loss does
+# What a run writes besides its checkpoints (logs, TensorBoard, eval/ and export/ later).
+FREE_SPACE_MARGIN = 64 * 2**20
+# Optimizer state per weight in a checkpoint: Adam keeps two moments, SGD one momentum.
+OPTIMIZER_SLOTS = 2
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class TrainConfig:
     cutout: int = 0
     label_smoothing: float = 0.1
     grad_clip: float = 0.0
+    on_nan: str = "stop"  # "skip": a batch with a non-finite loss takes no step (ON_NAN)
     seed: int = 0
     device: str = "auto"
     # How the engine runs, not what it learns: --recipe seed keeps its meaning with any of
@@ -133,9 +144,13 @@ def fit(
     state = None
     if resume is not None:
         run_dir = Path(resume)
-        state = load_checkpoint(run_dir / "last.pt")  # every rank reads it: no broadcast
+        state = load_resume_state(run_dir)  # every rank reads it: no broadcast
         config = TrainConfig.from_dict(state["config"])
     resolve_options(config.model, **config.model_options)  # bad options fail before the group
+    if config.on_nan not in ON_NAN:
+        raise ToolkitError(
+            f"unknown --on-nan '{config.on_nan}'; choose one of: {', '.join(ON_NAN)}"
+        )
     with distributed.session(pick_device(config.device)) as (dist, device):
         return _fit(config, run_dir, data, state, dist, device)
 
@@ -162,6 +177,7 @@ def _fit(config, run_dir, data, state, dist: distributed.Context, device) -> Run
     _check_data(config, data, state, dist, run_dir)
     run_dir = _agree_run_dir(run_dir, config, dist)
     setup = _build(config, data, state, dist, device, precision)
+    _check_free_space(run_dir, setup.net, state is not None, dist)
     config_dict = asdict(config)
     if state is None and dist.is_main:
         engine = {
@@ -199,12 +215,22 @@ def _fit(config, run_dir, data, state, dist: distributed.Context, device) -> Run
             config.compile,
             dist.world_size,
         )
+        if state is not None and dist.is_main:
+            repair_run_folder(run_dir, state)
         train, val = on_device(data.train, device), on_device(data.val, device)
         normalize = Normalizer(data.mean, data.std, device)
         try:
             for epoch in range(start_epoch, config.epochs + 1):
                 lr = setup.optimizer.param_groups[0]["lr"]  # the lr the epoch starts with
                 result = _train_epoch(config, setup, train, normalize, epoch, dist, device, run_dir)
+                if result.skipped and dist.is_main:
+                    log.warning(
+                        "epoch %d: skipped %d of %d batches whose loss or gradients were not "
+                        "finite (--on-nan skip)",
+                        epoch,
+                        result.skipped,
+                        result.batches,
+                    )
                 # DDP synchronised the parameters; this syncs BatchNorm's running statistics,
                 # so every rank evaluates (and rank 0 saves) one and the same model.
                 dist.broadcast_buffers(setup.net)
@@ -251,7 +277,9 @@ def _check_data(config: TrainConfig, data: DataBundle, state, dist, run_dir) -> 
     the batch/cutout settings."""
     if state is not None and state["dataset"]["fingerprint"] != data.fingerprint:
         raise ToolkitError(
-            f"the data of '{run_dir}' has changed since it started; resume needs the same files"
+            f"the data of '{run_dir}' has changed since it started (fingerprint "
+            f"{data.fingerprint[:12]} != {state['dataset']['fingerprint'][:12]}); "
+            "resume needs the same files"
         )
     if len(set(dist.gather_objects(data.fingerprint))) > 1:
         raise ToolkitError(
@@ -287,6 +315,36 @@ def _agree_run_dir(run_dir: Path | None, config: TrainConfig, dist) -> Path:
     return Path(picked)
 
 
+def _check_free_space(run_dir: Path, net: nn.Module, resuming: bool, dist) -> None:
+    """Refuse to start a run its disk cannot hold, rather than fail at a checkpoint later.
+
+    Rank 0 checks; every rank gets the verdict, so none is left waiting for the others.
+    """
+    error = None
+    if dist.is_main:
+        fix = (
+            "free some space, then resume"
+            if resuming
+            else "free some space or pass --run-dir a folder on another disk"
+        )
+        try:
+            check_free_space(run_dir, _bytes_needed(net, resuming), "run folder", fix)
+        except ToolkitError as exc:
+            error = str(exc)
+    error = dist.broadcast_object(error)
+    if error:
+        raise ToolkitError(error)
+
+
+def _bytes_needed(net: nn.Module, resuming: bool) -> int:
+    """What training adds to the run folder at its peak: best.pt, last.pt and the temporary
+    copy of one being rewritten (a resumed run has the first two already), each with the
+    weights and optimizer state, plus a margin for logs and later eval/ and export/."""
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    checkpoint = weights * (1 + OPTIMIZER_SLOTS)
+    return checkpoint * (1 if resuming else 3) + FREE_SPACE_MARGIN
+
+
 def _build(config, data: DataBundle, state, dist, device, precision: Precision) -> _Setup:
     options = resolve_options(config.model, **config.model_options)
     torch.manual_seed(config.seed)  # initial weights: the same on every rank
@@ -303,11 +361,7 @@ def _build(config, data: DataBundle, state, dist, device, precision: Precision) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
     scaler = precision.grad_scaler(device)
     if state is not None:
-        net.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        _load_training_state(state, net, optimizer, scheduler, scaler)
     if config.compile:
         compile_in_place(net)  # before DDP, as torch's docs advise
     model_info = {
@@ -326,6 +380,22 @@ def _build(config, data: DataBundle, state, dist, device, precision: Precision) 
         precision=precision,
         model_info=model_info,
     )
+
+
+def _load_training_state(state: dict, net, optimizer, scheduler, scaler) -> None:
+    """Weights, optimizer, schedule and loss scale from last.pt; a mismatch is one clear line."""
+    try:
+        net.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise ToolkitError(
+            f"last.pt does not fit the model it names ({state['model'].get('name')} "
+            f"{state['model'].get('options')}): {error_summary(exc)}; the file is damaged, "
+            "start a new run"
+        ) from exc
 
 
 def _write_config(run_dir: Path, config_dict: dict, setup: _Setup, data, engine: dict) -> None:
@@ -366,6 +436,7 @@ def _train_epoch(config, setup: _Setup, train, normalize, epoch, dist, device, r
         label_smoothing=config.label_smoothing,
         grad_clip=config.grad_clip,
         precision=setup.precision,
+        skip_nonfinite=config.on_nan == "skip",
     )
     try:
         return train_one_epoch(
@@ -382,9 +453,11 @@ def _train_epoch(config, setup: _Setup, train, normalize, epoch, dist, device, r
             description=f"epoch {epoch}/{config.epochs}",
         )
     except FloatingPointError as exc:
+        hint = "try a lower --lr"
+        if config.on_nan == "stop":
+            hint += ", or --on-nan skip to step over rare bad batches"
         raise ToolkitError(
-            f"training diverged in epoch {epoch} ({exc}); the last good checkpoint "
-            f"is {run_dir / 'last.pt'} (epoch {epoch - 1}); try a lower --lr"
+            f"training diverged in epoch {epoch} ({exc}); {_last_good(run_dir, epoch)}; {hint}"
         ) from exc
     except Exception as exc:
         if config.compile and _is_compile_failure(exc):
@@ -393,6 +466,12 @@ def _train_epoch(config, setup: _Setup, train, normalize, epoch, dist, device, r
                 "train without --compile"
             ) from exc
         raise
+
+
+def _last_good(run_dir: Path, epoch: int) -> str:
+    if epoch == 1:
+        return f"no epoch finished, so there is no {run_dir / 'last.pt'} to go back to"
+    return f"the last good checkpoint is {run_dir / 'last.pt'} (epoch {epoch - 1})"
 
 
 def _is_compile_failure(exc: Exception) -> bool:
@@ -413,6 +492,8 @@ def _metrics_row(epoch: int, result, val_loss: float, val_acc: float, lr: float)
         "lr": lr,
         "seconds": result.seconds,
         "img_per_s": result.images_per_second,
+        # Not a metrics.csv column (its format stays fixed): kept in the checkpoint's history.
+        "skipped_batches": result.skipped,
     }
 
 
@@ -433,6 +514,8 @@ def _record_epoch(run_dir, writer, setup: _Setup, data, config_dict, history, be
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             group, name = key.split("_", 1) if key != "lr" else ("opt", "lr")
             writer.add_scalar(f"{name}/{group}", row[key], epoch)
+        if config_dict.get("on_nan") == "skip":
+            writer.add_scalar("skipped_batches/train", row["skipped_batches"], epoch)
         writer.flush()
     ckpt = make_checkpoint(
         net=setup.net,
@@ -449,14 +532,16 @@ def _record_epoch(run_dir, writer, setup: _Setup, data, config_dict, history, be
     ckpt["history"] = history
     if setup.scaler is not None:
         ckpt["scaler"] = setup.scaler.state_dict()
-    if best[1] == epoch:
-        atomic_torch_save(run_dir / "best.pt", ckpt)
-    atomic_torch_save(run_dir / "last.pt", ckpt)
-    write_csv_rows(
-        run_dir / "metrics.csv",
-        METRIC_COLUMNS,
-        [[r[c] for c in METRIC_COLUMNS] for r in history],
-    )
+    # last.pt first: it is the epoch's commit point. A kill before its rename loses this
+    # epoch only; a kill after it leaves best.pt / metrics.csv behind, which resume repairs
+    # from last.pt (toolkit.resume.repair_run_folder).
+    try:
+        atomic_torch_save(run_dir / "last.pt", ckpt)
+        if best[1] == epoch:
+            atomic_torch_save(run_dir / "best.pt", ckpt)
+        write_metrics(run_dir, history)
+    except WriteError as exc:
+        raise ToolkitError(f"{exc}; fix that, then: toolkit train --resume {run_dir}") from exc
 
 
 def _check_replicas(net: nn.Module, dist: distributed.Context) -> None:

@@ -14,9 +14,9 @@ import logging
 import re
 from pathlib import Path
 
+from toolkit.atomic import atomic_write_bytes, atomic_write_text
 from toolkit.errors import ToolkitError
 from toolkit.onnx_export import INPUT_NAME, OUTPUT_NAMES
-from toolkit.runs import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
