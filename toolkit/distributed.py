@@ -16,6 +16,7 @@ Conventions the rest of the toolkit relies on:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -178,7 +179,13 @@ def session(device: torch.device) -> Iterator[tuple[Context, torch.device]]:
     log.info("process group: %d ranks, backend %s", ctx.world_size, backend)
     try:
         yield ctx, device
+        # Every rank arrives before any tears down: a group destroyed while a peer still has
+        # gloo work in flight can abort (std::terminate) in gloo's threads at exit.
+        dist.barrier()
     finally:
+        # DDP's reducer holds the group and its pending work; free it (reference cycles
+        # included) while the interpreter is fully alive, then destroy the group.
+        gc.collect()
         dist.destroy_process_group()
 
 
