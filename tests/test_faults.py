@@ -47,6 +47,7 @@ from toolkit.evaluate import evaluate_run
 from toolkit.models import create_model
 from toolkit.runs import CHECKPOINT_VERSION, load_checkpoint, read_json
 from toolkit.train import TrainConfig, fit
+from toolkit.triton import write_triton_repo
 
 EPOCHS = 2
 BATCHES_PER_EPOCH = 9  # 270 synthetic training images in batches of 32
@@ -258,6 +259,18 @@ def test_a_failed_write_is_a_toolkit_error_and_an_oserror(tmp_path, monkeypatch)
     assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
     assert isinstance(info.value, ToolkitError) and str(info.value).startswith("could not write")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_callers_that_name_their_folder_show_the_cause_once(tmp_path, monkeypatch):
+    """export and Triton wrap a failed write with their own folder; WriteError.strerror keeps
+    that one line instead of nesting 'could not write ...' inside it."""
+    fail_nth_write(monkeypatch, "model.onnx", nth=1)
+    meta = {"classes": ["a", "b"], "dataset": "cifar10", "model": "net", "input_size": [32, 32]}
+    with pytest.raises(ToolkitError) as info:
+        write_triton_repo(tmp_path / "triton", b"onnx bytes", meta)
+    assert str(info.value) == (
+        f"cannot write the Triton repository '{tmp_path / 'triton'}': No space left on device"
+    )
 
 
 def test_a_folder_that_turned_read_only_is_a_clear_error(tmp_path, monkeypatch):

@@ -38,7 +38,9 @@ class WriteError(ToolkitError, OSError):
         super().__init__(
             f"could not write '{path}': {reason}; its previous version, if any, is unchanged"
         )
-        self.errno = cause.errno
+        # Like any OSError: callers that add their own context ("cannot write the export
+        # to ...: {exc.strerror}") show the cause, not this whole sentence a second time.
+        self.errno, self.strerror = cause.errno, reason
         self.path = Path(path)
 
     def __str__(self) -> str:  # OSError's own would print "[Errno 28] ..." instead
