@@ -55,6 +55,9 @@ def test_two_processes_train_like_one_and_write_the_run_folder_once(cifar_folder
     args = ["net", "--data-dir", cifar_folder, "--data-root", tmp_path / "data"]
     # 31: ranks get 15 and 16 images of every full batch, so the loss weighting matters
     args += ["--epochs", 2, "--batch-size", 31, "--device", "cpu"]
+    # fp32: bf16 autocast (auto on CPUs with AVX512-BF16) rounds the two ranks' half batches
+    # differently from the whole batch, far beyond the tolerance that proves equivalence.
+    args += ["--amp", "off"]
     single = tmp_path / "single"
     result = CliRunner().invoke(app, [str(a) for a in ["train", *args, "--run-dir", single]])
     assert result.exit_code == 0, result.output

@@ -45,7 +45,8 @@ def tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
 @pytest.mark.parametrize(
     "mode, device, bf16_supported, expected",
     [
-        ("auto", CPU, True, ("off", None)),  # the CPU trains in fp32 unless asked
+        ("auto", CPU, True, ("bf16", torch.bfloat16)),  # AVX512-BF16 / AMX
+        ("auto", CPU, False, ("off", None)),  # emulated bf16 would be slower than fp32
         ("auto", CUDA, True, ("bf16", torch.bfloat16)),
         ("auto", CUDA, False, ("fp16", torch.float16)),  # pre-Ampere GPUs: fp16 + scaler
         ("off", CUDA, True, ("off", None)),

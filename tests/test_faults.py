@@ -9,6 +9,7 @@ disk afterwards is what any crash at that moment would leave.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -39,12 +40,15 @@ from tests.training import (
     wait_for,
 )
 from toolkit.atomic import WriteError, atomic_write_bytes
+from toolkit.bench import Timing
 from toolkit.cli import app
 from toolkit.data import Split
 from toolkit.engine import Normalizer, StepOptions, train_one_epoch
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run
+from toolkit.export import export_run
 from toolkit.models import create_model
+from toolkit.package import package_run
 from toolkit.runs import CHECKPOINT_VERSION, load_checkpoint, read_json
 from toolkit.train import TrainConfig, fit
 from toolkit.triton import write_triton_repo
@@ -565,3 +569,34 @@ def test_resume_repairs_what_a_kill_left_behind(cifar_folder, tmp_path):
     assert (run / "best.pt").read_bytes() == (run / "last.pt").read_bytes()
     assert metrics_epochs(run) == [1] and temp_files(run) == []
     assert_run_folder_intact(run)
+
+
+# --- export and package ----------------------------------------------------------------------
+
+FAST_TIMING = Timing(warmup=1, min_runs=2, max_runs=2, budget_s=0.0)
+
+
+def test_an_interrupted_export_cannot_be_packaged(trained_run, tmp_path, monkeypatch):
+    """Killed between model.onnx and its report, a re-export leaves a new model beside the old
+    figures: package must refuse it rather than ship numbers of another model."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    evaluate_run(run, device="cpu")
+    export_run(run, timing=FAST_TIMING)
+    package_run(run, tmp_path / "artifacts")  # a whole export packages
+
+    fail_nth_write(monkeypatch, "model.json", nth=1)  # the re-export dies after model.onnx
+    with pytest.raises(ToolkitError, match="cannot write the export"):
+        export_run(run, int8=True, timing=FAST_TIMING)
+    monkeypatch.undo()
+    assert not (run / "export" / "export-report.json").exists()  # no report vouches for it
+    with pytest.raises(ToolkitError, match="missing .*export-report.json"):
+        package_run(run, tmp_path / "artifacts")
+
+    export_run(run, timing=FAST_TIMING)
+    (run / "export" / "model.onnx").write_bytes(b"edited since")
+    with pytest.raises(ToolkitError, match="not the model that export-report.json describes"):
+        package_run(run, tmp_path / "artifacts")
+    packaged = tmp_path / "artifacts" / "cifar10-net"  # the first package stands, whole
+    digest = hashlib.sha256((packaged / "model.onnx").read_bytes()).hexdigest()
+    assert digest == read_json(packaged / "export-report.json")["onnx_sha256"]

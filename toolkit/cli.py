@@ -207,7 +207,9 @@ def train_cmd(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     amp: str = typer.Option(
-        "auto", help="auto (bf16 on a GPU, off on the CPU), off, bf16 or fp16 autocast."
+        "auto",
+        help="auto (bf16 where the GPU or CPU has it natively, else fp16 on a GPU and off on "
+        "a CPU), off, bf16 or fp16 autocast.",
     ),
     compile_model: bool = typer.Option(
         False, "--compile/--no-compile", help="torch.compile the model (first epoch compiles)."

@@ -85,20 +85,35 @@ class Precision:
 FP32 = Precision("off")
 
 
-def resolve_amp(mode: str, device: torch.device, bf16_supported: bool | None = None) -> Precision:
-    """`--amp` -> Precision. auto: bf16 on a CUDA GPU that has it (else fp16), fp32 on the CPU.
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), which oneDNN uses for
+    convolutions and matmuls. Without them bf16 is emulated and slower than fp32."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
-    `bf16_supported` defaults to asking the GPU; tests pass it to check the logic anywhere.
+
+def resolve_amp(mode: str, device: torch.device, bf16_supported: bool | None = None) -> Precision:
+    """`--amp` -> Precision. auto: bf16 where the hardware runs it natively (CUDA GPUs from
+    Ampere on, CPUs with AVX512-BF16/AMX); otherwise fp16 with loss scaling on a GPU and fp32
+    on a CPU. Autocast keeps the weights and the optimizer in fp32 either way.
+
+    `bf16_supported` defaults to asking the device; tests pass it to check the logic anywhere.
     """
     if mode not in AMP_MODES:
         raise ToolkitError(f"unknown --amp '{mode}'; choose one of: {', '.join(AMP_MODES)}")
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+    if mode == "off":
         return FP32
     if mode == "fp16" and device.type != "cuda":
         raise ToolkitError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or --amp off")
     if mode == "auto":
         if bf16_supported is None:
-            bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+            bf16_supported = (
+                torch.cuda.is_bf16_supported(including_emulation=False)
+                if device.type == "cuda"
+                else cpu_has_native_bf16()
+            )
+        if not bf16_supported and device.type != "cuda":
+            return FP32
         mode = "bf16" if bf16_supported else "fp16"
     return Precision(mode, torch.bfloat16 if mode == "bf16" else torch.float16)
 

@@ -212,8 +212,14 @@ def _base_report(run_dir: Path, out_dir: Path, ckpt: dict, meta: dict, opset: in
 
 
 def _write_outputs(out_dir: Path, files: dict[str, bytes], meta: dict, report: dict) -> None:
-    """Models first, then model.json, then the report, which thus marks a finished export."""
+    """Models first, then model.json, then the report, which thus marks a finished export.
+
+    The old report goes first: an export killed half-way then leaves no report beside a mix
+    of new and old files, and `package` refuses the folder instead of shipping the mix.
+    (Replacing the folder whole would also remove files a user keeps in an --out folder.)
+    """
     try:
+        (out_dir / REPORT_FILE).unlink(missing_ok=True)
         for name, payload in files.items():
             atomic_write_bytes(out_dir / name, payload)
         atomic_write_json(out_dir / METADATA_FILE, meta)

@@ -11,10 +11,13 @@ The serving app reads only this layout, so it never needs torch or the run folde
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
+from toolkit.atomic import atomic_folder
 from toolkit.errors import ToolkitError
+from toolkit.runs import read_json
 
 EXPORT_FILES = ("model.onnx", "model.json", "export-report.json")
 EVAL_FILES = ("metrics.json", "confusion_matrix.png", "failures.json")
@@ -31,22 +34,30 @@ def package_run(run_dir: Path, artifacts_dir: Path, name: str | None = None) -> 
             f"cannot package '{run_dir}': missing {', '.join(missing)}; run "
             f"`toolkit evaluate {run_dir}` and `toolkit export {run_dir}` first"
         )
+    _check_export_is_whole(run_dir / "export")
     if name is None:
-        import json
-
-        meta = json.loads((run_dir / "export" / "model.json").read_text())
+        meta = read_json(run_dir / "export" / "model.json")
         name = f"{meta['dataset']}-{meta['model']}"
     target = artifacts_dir / name
-    staging = artifacts_dir / f".{name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for path in sources:
-        shutil.copy2(path, staging / path.name)
-    failures = run_dir / "eval" / "failures"
-    if failures.is_dir():
-        shutil.copytree(failures, staging / "failures")
-    # Swap in one step so a half-copied folder is never served.
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    # Filled beside the target and swapped in whole, so a half-copied folder is never served.
+    with atomic_folder(target) as staging:
+        for path in sources:
+            shutil.copy2(path, staging / path.name)
+        failures = run_dir / "eval" / "failures"
+        if failures.is_dir():
+            shutil.copytree(failures, staging / "failures")
     return target
+
+
+def _check_export_is_whole(export_dir: Path) -> None:
+    """model.onnx must be the model its report verified: an export interrupted, or a file
+    edited or copied in since, would ship figures that describe another model."""
+    report = read_json(export_dir / "export-report.json")
+    digest = hashlib.sha256((export_dir / "model.onnx").read_bytes()).hexdigest()
+    expected = report.get("onnx_sha256") if isinstance(report, dict) else None
+    if digest != expected:
+        raise ToolkitError(
+            f"'{export_dir / 'model.onnx'}' is not the model that export-report.json "
+            f"describes (changed since, or an interrupted export); run "
+            f"`toolkit export {export_dir.parent}` again"
+        )
