@@ -37,6 +37,12 @@ DEFAULT_MAX_UPLOAD_MB = 10.0
 # onnxruntime sessions are thread-safe and each call is milliseconds: a few at once keep
 # concurrent clients from queueing behind each other without oversubscribing the CPU.
 PREDICT_CONCURRENCY = 4
+# Gradio copies every upload, and every image a handler returns, into its cache, and without
+# delete_cache never removes them: a long-running demo would fill its disk. Every hour, delete
+# what is older than a day (and everything the app made when it stops). The page's initial
+# images are exempt (Gradio keeps a component's own value), and an image handed out again is
+# re-touched or re-copied, so only a page left open for a day can lose a picture.
+CACHE_SWEEP = (3600, 86400)  # (every, older than), seconds
 # 32-pixel images blown up smoothly look like fog, and at their own size like a dot: scale the
 # upload to fill its box and show every image's real pixels.
 CSS = (
@@ -86,7 +92,9 @@ def build_demo(
     catalog = load_catalog(artifacts_dir, providers)
     max_bytes = int(max_upload_mb * 1e6)
     handlers = DemoHandlers(catalog, max_bytes)
-    with gr.Blocks(title="toolkit · image classifier", analytics_enabled=False) as demo:
+    with gr.Blocks(
+        title="toolkit · image classifier", analytics_enabled=False, delete_cache=CACHE_SWEEP
+    ) as demo:
         widgets = _layout(handlers, max_upload_mb)
         _wire(widgets, handlers)
     demo.serving_config = ServingConfig(max_bytes, catalog.servable_paths())

@@ -23,10 +23,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from gradio.route_utils import delete_files_created_by_app
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from serving.app import build_demo, launch, parse_args, parse_auth
+from serving.app import CACHE_SWEEP, build_demo, launch, parse_args, parse_auth
 from serving.card import card_markdown
 from serving.catalog import Catalog, load_catalog
 from serving.handlers import DemoHandlers, upload_bytes
@@ -346,6 +349,34 @@ def test_auth_is_required_when_set(served_artifacts):
             ask(connect(url), example_image)
         authed = connect(url, auth=("ana", "secret"))
         assert ask(authed, example_image)["label"] == "cat"
+
+
+def test_the_cache_sweep_deletes_old_uploads_and_keeps_the_page(served_artifacts, tmp_path):
+    """Gradio keeps every upload until restart unless delete_cache is set; the sweep must not
+    take the page's own pictures (examples, failures, confusion matrix) with them."""
+    demo = build_demo(served_artifacts, max_upload_mb=UPLOAD_CAP_MB)
+    assert demo.delete_cache == CACHE_SWEEP
+    url = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        page = {f for block in demo.blocks.values() for f in getattr(block, "keep_in_cache", ())}
+        assert len(page) > 3
+        # Not an example file itself: Gradio caches by content, and would find the page's copy.
+        upload, note = tmp_path / "upload.png", PngInfo()
+        note.add_text("comment", "an upload")  # same pixels, other bytes
+        Image.open(example(served_artifacts, "cifar10", "cat")).save(upload, pnginfo=note)
+        cat = handle_file(str(upload))
+        assert ask(connect(url), cat, "cifar10-net")["label"] == "cat"
+        uploads = set(demo.upload_file_set)
+        assert uploads and all(Path(f).exists() for f in uploads)
+
+        delete_files_created_by_app(demo, age=0)  # the hourly sweep, once everything is old
+
+        assert not any(Path(f).exists() for f in uploads)
+        for path in page:
+            assert httpx.get(f"{url}gradio_api/file={path}", timeout=10).status_code == 200, path
+        assert ask(connect(url), cat, "cifar10-net")["label"] == "cat"
+    finally:
+        demo.close()
 
 
 # --- `python -m serving.app` -------------------------------------------------------------------

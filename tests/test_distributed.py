@@ -93,6 +93,42 @@ def test_two_processes_train_like_one_and_write_the_run_folder_once(cifar_folder
         assert ours["train_acc"] == pytest.approx(theirs["train_acc"], abs=1e-9)
 
 
+# Loaded by every Python process of the torchrun group through PYTHONPATH: on rank 1 only,
+# the second training batch becomes NaN images.
+POISON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import toolkit.engine as _engine
+    _real, _count = _engine._rank_inputs, [0]
+    def _poisoned(*args, **kwargs):
+        x, labels = _real(*args, **kwargs)
+        _count[0] += 1
+        return (x * float("nan") if _count[0] == 2 else x), labels
+    _engine._rank_inputs = _poisoned
+"""
+
+
+def test_skip_mode_under_ddp_skips_a_batch_on_every_rank(cifar_folder, tmp_path, monkeypatch):
+    """--on-nan skip with a batch that is NaN on one rank only. DDP's gradient average takes
+    the NaN to every rank, and the all-reduced verdict has every rank skip alike: one step
+    left out, no hang, identical and finite weights."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(POISON_RANK_1)
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+    run = tmp_path / "run"
+    args = ["net", "--data-dir", cifar_folder, "--data-root", tmp_path / "data"]
+    args += ["--epochs", 2, "--batch-size", 32, "--device", "cpu", "--on-nan", "skip"]
+    torchrun(*args, "--run-dir", run, cwd=tmp_path)
+
+    last = load_checkpoint(run / "last.pt")
+    assert [r["skipped_batches"] for r in last["history"]] == [1, 0]
+    assert "epoch 1: skipped 1 of" in (run / "train.log").read_text()
+    first, second = rank_digests(run)
+    assert first == second == state_digest(last["state_dict"])
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+
+
 def test_resume_under_ddp_continues_and_keeps_batchnorm_in_sync(cifar_folder, tmp_path):
     """A 1-process run interrupted after epoch 1 finishes its epoch 2 on 2 processes."""
     config = TrainConfig(

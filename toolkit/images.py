@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 
 RESIZE_FILTER = Image.Resampling.BILINEAR
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -91,8 +91,8 @@ def failure_reason(path: Path, exc: BaseException) -> str:
             return "empty file (0 bytes)"
         return "not an image (no format Pillow reads; a renamed or non-image file?)"
     if isinstance(exc, Image.DecompressionBombError):
-        return f"too many pixels ({_first_line(exc)})"
-    text = _first_line(exc)
+        return f"too many pixels ({first_line(exc)})"
+    text = first_line(exc)
     if "truncated" in text.lower():
         return f"truncated image ({text})"
     return f"damaged image ({type(exc).__name__}: {text})"
@@ -103,8 +103,3 @@ def _size(path: Path) -> int | None:
         return Path(path).stat().st_size
     except OSError:
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

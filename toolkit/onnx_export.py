@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from toolkit import __version__
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,9 @@ def torch_to_onnx(
                 do_constant_folding=True,
             )
         except Exception as exc:  # an operator the exporter cannot write at this opset...
-            raise ToolkitError(f"ONNX export failed at opset {opset}: {_first_line(exc)}") from exc
+            raise ToolkitError(
+                f"ONNX export failed at opset {opset}: {first_line(exc, 300)}"
+            ) from exc
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -203,7 +205,7 @@ def check_model(model: onnx.ModelProto, what: str = "the exported model") -> Non
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ToolkitError(f"{what} fails onnx.checker: {_first_line(exc)}") from exc
+        raise ToolkitError(f"{what} fails onnx.checker: {first_line(exc, 300)}") from exc
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
@@ -215,7 +217,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, external data missing...
         raise ToolkitError(
-            f"'{path}' is not a readable ONNX model ({_first_line(exc)}); "
+            f"'{path}' is not a readable ONNX model ({first_line(exc, 300)}); "
             "export it again with `toolkit export`"
         ) from exc
     if not model.graph.node:
@@ -297,8 +299,3 @@ def precision(model: onnx.ModelProto) -> str:
     if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
         return "fp16"
     return "fp32"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
