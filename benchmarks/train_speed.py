@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from toolkit.bench import cpu_info
 from toolkit.data import DataOptions, Split, load_data
 from toolkit.engine import (
     FP32,
@@ -161,7 +161,7 @@ def synthetic_cifar10(n: int = EPOCH_IMAGES) -> SimpleNamespace:
 
 def machine_facts(device: torch.device, precision: Precision) -> dict:
     facts = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_info()["model"],
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
