@@ -211,7 +211,7 @@ def example_caption(path: Path) -> str:
 
 
 def _hidden(path: Path) -> bool:
-    # package_run stages into ".<name>.staging" before its atomic rename.
+    # package_run fills a hidden ".<name>.*.tmp" folder before swapping it in (atomic_folder).
     return path.name.startswith(".")
 
 

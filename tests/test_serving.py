@@ -344,6 +344,6 @@ def test_empty_or_absent_artifacts_folder(tmp_path):
     with pytest.raises(ArtifactError, match="not found"):
         load_catalog(tmp_path / "nowhere")
     (tmp_path / "examples").mkdir()
-    (tmp_path / ".cifar10-net.staging").mkdir()  # a half-packaged run is not a model
+    (tmp_path / ".cifar10-net.k2j4.tmp").mkdir()  # a half-packaged run is not a model
     with pytest.raises(ArtifactError, match="no models in"):
         load_catalog(tmp_path)

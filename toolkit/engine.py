@@ -112,9 +112,12 @@ def resolve_amp(mode: str, device: torch.device, bf16_supported: bool | None = N
                 if device.type == "cuda"
                 else cpu_has_native_bf16()
             )
-        if not bf16_supported and device.type != "cuda":
-            return FP32
-        mode = "bf16" if bf16_supported else "fp16"
+        if bf16_supported:
+            mode = "bf16"
+        elif device.type == "cuda":
+            mode = "fp16"  # pre-Ampere GPUs, with loss scaling
+        else:
+            return FP32  # emulated bf16 would be slower than fp32
     return Precision(mode, torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
