@@ -242,6 +242,9 @@ def test_reproduce_writes_normal_run_folders_and_a_complete_report(cifar_report)
         assert (out / "failures" / f"{name}.png").read_bytes().startswith(PNG)
     assert {r["params"] for r in results.values()} == {"18354"}
     assert {r["reference_acc"] for r in results.values()} == {"0.6"}
+    amp = json.loads((out / "runs" / CIFAR_RUNS[0] / "config.json").read_text())["engine"]["amp"]
+    precision = "fp32" if amp == "off" else amp  # what --amp auto chose on this CPU
+    assert f"Hardware: runs trained on **cpu, {precision}**;" in report
     for png in ("tradeoff.png", "val_curves.png", "confusion_matrices.png"):
         assert (out / png).read_bytes().startswith(PNG)
         assert f"![]({png})" in report

@@ -100,10 +100,15 @@ def summarise(run: PlannedRun) -> dict | None:
 
 
 def _devices(rows: Sequence[dict]) -> str:
-    """The devices the runs trained on, as each config.json recorded it."""
-    # "engine" holds what --device auto resolved to; older run folders only have the option.
-    found = {r["config"].get("engine", {}).get("device", r["config"]["device"]) for r in rows}
-    return ", ".join(sorted(found)) or "unknown"
+    """The devices and precisions the runs trained with, as each config.json recorded them."""
+    found = set()
+    for r in rows:
+        # "engine" holds what --device/--amp auto resolved to; older runs only have the option.
+        engine = r["config"].get("engine", {})
+        device = engine.get("device", r["config"]["device"])
+        amp = engine.get("amp")
+        found.add(device if amp is None else f"{device}, {'fp32' if amp == 'off' else amp}")
+    return "; ".join(sorted(found)) or "unknown"
 
 
 def _header(plan: Sequence[PlannedRun], rows: Sequence[dict]) -> list[str]:
