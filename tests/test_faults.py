@@ -583,7 +583,10 @@ def test_an_interrupted_export_cannot_be_packaged(trained_run, tmp_path, monkeyp
     shutil.copytree(trained_run, run)
     evaluate_run(run, device="cpu")
     export_run(run, timing=FAST_TIMING)
+    killed = tmp_path / "artifacts" / ".cifar10-net.x1y2.tmp"  # a killed package's staging
+    (killed / "failures").mkdir(parents=True)
     package_run(run, tmp_path / "artifacts")  # a whole export packages
+    assert not killed.exists()
 
     fail_nth_write(monkeypatch, "model.json", nth=1)  # the re-export dies after model.onnx
     with pytest.raises(ToolkitError, match="cannot write the export"):

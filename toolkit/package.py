@@ -15,7 +15,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from toolkit.atomic import atomic_folder
+from toolkit.atomic import atomic_folder, remove_stale_temp
 from toolkit.errors import ToolkitError
 from toolkit.runs import read_json
 
@@ -39,6 +39,7 @@ def package_run(run_dir: Path, artifacts_dir: Path, name: str | None = None) -> 
         meta = read_json(run_dir / "export" / "model.json")
         name = f"{meta['dataset']}-{meta['model']}"
     target = artifacts_dir / name
+    remove_stale_temp(artifacts_dir, name)  # what a killed package of this model left behind
     # Filled beside the target and swapped in whole, so a half-copied folder is never served.
     with atomic_folder(target) as staging:
         for path in sources:
