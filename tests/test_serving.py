@@ -211,7 +211,7 @@ def test_classifier_agrees_with_toolkit_evaluation(served_artifacts, dataset):
     import torch
 
     from toolkit.data import DataOptions, load_data
-    from toolkit.listing import list_image_folder, read_split_file
+    from toolkit.listing import label_base, parse_split_file, scan_image_folder, split_listing
     from toolkit.runs import build_classifier, load_checkpoint
 
     folder = served_artifacts / f"{dataset}-net"
@@ -223,10 +223,12 @@ def test_classifier_agrees_with_toolkit_evaluation(served_artifacts, dataset):
         expected = net(data.test.images.float() / 255).softmax(1).numpy()
     source = Path(config["data"]["data_dir"] or config["data"]["splits"])
     if dataset == "cifar10":
-        files, labels = list_image_folder(source / "test", data.spec)
+        listed = scan_image_folder(source / "test", data.spec)
     else:
-        files, raw, _ = read_split_file(source / "test.txt", 10)
-        labels = np.asarray(raw) - 1
+        parsed = parse_split_file(source / "test.txt")
+        listed = split_listing(parsed, label_base({"test": parsed}, 10), 10)
+    assert not listed.bad
+    files, labels = listed.paths, listed.labels
     np.testing.assert_array_equal(labels, data.test.labels.numpy())  # same images, same order
 
     model = OnnxClassifier(folder / "model.onnx")

@@ -114,13 +114,6 @@ def scan_image_folder(split_dir: Path, spec: DatasetSpec) -> Listed:
     return Listed(paths, np.asarray(labels, dtype=np.int64), bad)
 
 
-def list_image_folder(split_dir: Path, spec: DatasetSpec) -> tuple[list[Path], np.ndarray]:
-    """The image files of <split_dir>/<class>/ and their labels (entries that are not images
-    are left out here; loading reports them)."""
-    listed = scan_image_folder(split_dir, spec)
-    return listed.paths, listed.labels
-
-
 @dataclass
 class _SplitFile:
     """A parsed split file: its usable lines, and the lines that are not."""
@@ -174,18 +167,6 @@ def parse_split_file(path: Path) -> _SplitFile:
     if not parsed.written and not parsed.bad:
         raise ToolkitError(f"'{path}' lists no images")
     return parsed
-
-
-def read_split_file(path: Path, num_classes: int) -> tuple[list[Path], list[int], list[int]]:
-    """`relative/path label` per line (paths relative to the file's folder).
-
-    Returns paths, raw labels and line numbers; blank lines and CRLF endings are fine, and
-    the first line that cannot be parsed is an error.
-    """
-    parsed = parse_split_file(path)
-    if parsed.bad:
-        raise ToolkitError(str(parsed.bad[0]))
-    return [path.parent / w for w in parsed.written], parsed.labels, parsed.lines
 
 
 def label_base(files: dict[str, _SplitFile], num_classes: int) -> int:
