@@ -9,6 +9,7 @@ TensorBoard events, best.pt / last.pt) and resumes exactly. Under torchrun every
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -20,7 +21,7 @@ from torch import nn
 from toolkit import __version__, distributed, recipes
 from toolkit.atomic import (
     WriteError,
-    atomic_torch_save,
+    atomic_write_bytes,
     atomic_write_json,
 )
 from toolkit.data import DataBundle, DataOptions, load_data
@@ -535,10 +536,14 @@ def _record_epoch(run_dir, writer, setup: _Setup, data, config_dict, history, be
     # last.pt first: it is the epoch's commit point. A kill before its rename loses this
     # epoch only; a kill after it leaves best.pt / metrics.csv behind, which resume repairs
     # from last.pt (toolkit.resume.repair_run_folder).
+    # Serialized once: an improving epoch's best.pt is last.pt byte for byte, which is also
+    # what repair_run_folder restores it from.
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
     try:
-        atomic_torch_save(run_dir / "last.pt", ckpt)
+        atomic_write_bytes(run_dir / "last.pt", buffer.getvalue())
         if best[1] == epoch:
-            atomic_torch_save(run_dir / "best.pt", ckpt)
+            atomic_write_bytes(run_dir / "best.pt", buffer.getvalue())
         write_metrics(run_dir, history)
     except WriteError as exc:
         raise ToolkitError(f"{exc}; fix that, then: toolkit train --resume {run_dir}") from exc
