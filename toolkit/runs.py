@@ -37,7 +37,7 @@ from torch import nn
 
 from toolkit import __version__
 from toolkit.atomic import atomic_write_text
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, error_summary
 
 log = logging.getLogger(__name__)
 
@@ -258,18 +258,6 @@ def _unreadable_reason(path: Path, exc: Exception) -> str:
             return f"it calls Python code ({code.group(1)}); refused without running it"
         return "not a torch checkpoint file, or a damaged one; nothing in it was run"
     return error_summary(exc)
-
-
-def error_summary(exc: BaseException, limit: int = 160) -> str:
-    """One informative line of a library's (often multi-line, sometimes coloured) message."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    # "Error(s) in loading state_dict for Sequential:" says less than the line after it.
-    useful = [line for line in lines if not line.endswith(":")] or lines
-    if not useful:
-        return type(exc).__name__
-    line = useful[0].split(". ")[0]  # the first sentence; the rest is usually advice
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _check_checkpoint(ckpt: Any, path: Path) -> None:

@@ -39,7 +39,7 @@ from toolkit.engine import (
     steps_per_epoch,
     train_one_epoch,
 )
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, error_summary
 from toolkit.models import count_parameters, create_model, resolve_options
 from toolkit.recipes import lr_factor, make_optimizer
 from toolkit.resume import load_resume_state, repair_run_folder
@@ -47,7 +47,6 @@ from toolkit.runs import (
     RunLog,
     check_free_space,
     check_writable,
-    error_summary,
     make_checkpoint,
     new_run_dir,
     open_tensorboard,
