@@ -600,6 +600,10 @@ def test_an_interrupted_export_cannot_be_packaged(trained_run, tmp_path, monkeyp
     (run / "export" / "model.onnx").write_bytes(b"edited since")
     with pytest.raises(ToolkitError, match="not the model that export-report.json describes"):
         package_run(run, tmp_path / "artifacts")
+    result = CliRunner().invoke(app, ["package", str(run), "--artifacts", str(tmp_path / "a")])
+    assert result.exit_code == 2
+    assert "not the model that export-report.json describes" in result.output
+    assert f"toolkit export {run}" in result.output  # the fix
     packaged = tmp_path / "artifacts" / "cifar10-net"  # the first package stands, whole
     digest = hashlib.sha256((packaged / "model.onnx").read_bytes()).hexdigest()
     assert digest == read_json(packaged / "export-report.json")["onnx_sha256"]
