@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from toolkit.data import DataOptions
-from toolkit.experiments import EXPERIMENTS
-from toolkit.report import first_reaching
-from toolkit.runs import read_metrics
-from toolkit.train import TrainConfig, fit
+from toolkit.evaluate import evaluate_run
+from toolkit.reproduce import EXPERIMENTS
+from toolkit.reproduce.report import first_reaching
+from toolkit.run.folder import read_metrics
+from toolkit.train import TrainConfig, fit, resume
 
 # name -> (model, model options, recipe, epochs); the order is the order they train in.
 PLAN = {
@@ -35,7 +36,7 @@ PLAN = {
     "lenet5-seed-30": ("lenet5", {}, "seed", 30),
     "resnet10-seed-20": ("resnet10", {}, "seed", 20),
 }
-# The reference's reported accuracy of each plain model (toolkit.experiments holds them all).
+# The reference's accuracy for each plain model (toolkit.reproduce.experiments has them all).
 REFERENCE = {e.name: e.reference.accuracy for e in EXPERIMENTS["cifar10"] if e.name == e.model}
 OUT = Path(__file__).resolve().parent
 
@@ -43,7 +44,7 @@ OUT = Path(__file__).resolve().parent
 def config_for(name: str, data: DataOptions) -> TrainConfig:
     model, options, recipe, epochs = PLAN[name]
     return TrainConfig.from_recipe(
-        model, recipe, data, model_options=options, overrides={"epochs": epochs}, device="auto"
+        model, data, recipe, model_options=options, epochs=epochs, device="auto"
     )
 
 
@@ -57,14 +58,12 @@ def train_all(data: DataOptions, runs: Path, only: list[str]) -> None:
             continue
         print(f"{name}: training {config.epochs} epochs")
         if (run_dir / "last.pt").exists():
-            fit(config, resume=run_dir)
+            resume(run_dir)
         else:
             fit(config, run_dir=run_dir)
 
 
 def report(runs: Path) -> None:
-    from toolkit.evaluate import evaluate_run
-
     results = []
     for name, (model, _options, recipe, epochs) in PLAN.items():
         run_dir = runs / name

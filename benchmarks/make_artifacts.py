@@ -22,8 +22,7 @@ from PIL import Image
 from benchmarks.core_recipes import config_for, train_all
 from toolkit.data import DataOptions, load_data
 from toolkit.evaluate import evaluate_run
-from toolkit.export import export_run
-from toolkit.package import package_run
+from toolkit.export import export_run, package_run
 
 # artifact name -> experiment of benchmarks.core_recipes that produces it
 SHIPPED = {

@@ -7,7 +7,7 @@ For each model, in one process on the same machine, images/s of
 - `reference loop`: a torchvision-style dataset returning ToTensor + Normalize per PIL image,
   through a DataLoader (batch 64, shuffled, num_workers=0), plain eager fp32 training step
   (batches copied to the device);
-- `engine, fp32`: toolkit.engine.train_one_epoch, the code `toolkit train` runs, at the same
+- `engine, fp32`: toolkit.train.engine.train_one_epoch, the code `toolkit train` runs, at the same
   batch 64 with the seed recipe (no augmentation), autocast off;
 - `engine`: the same with `--amp auto` as this device resolves it (bf16 on GPUs and on
   CPUs with AVX512-BF16/AMX, else fp32);
@@ -40,20 +40,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from toolkit.bench import cpu_info
 from toolkit.data import DataOptions, Split, load_data
-from toolkit.engine import (
-    FP32,
-    Normalizer,
-    Precision,
-    StepOptions,
-    configure_backends,
-    on_device,
-    pick_device,
-    resolve_amp,
-    train_one_epoch,
-)
+from toolkit.export.bench import cpu_info
 from toolkit.models import create_model
+from toolkit.train.batches import Normalizer, on_device
+from toolkit.train.engine import StepOptions, configure_backends, pick_device, train_one_epoch
+from toolkit.train.precision import FP32, Precision, resolve_amp
 
 OUT = Path(__file__).resolve().parent
 MODELS = ("net", "resnet10", "lenet5")
@@ -186,7 +178,7 @@ def write_reports(result: dict, name: str) -> str:
         f"`{result['command']}`.",
         "",
         "`reference loop`: per-image PIL → ToTensor → Normalize through a DataLoader, batch 64, "
-        "fp32 eager, as the seed did it. `engine`: `toolkit.engine.train_one_epoch` (what "
+        "fp32 eager, as the seed did it. `engine`: `toolkit.train.engine.train_one_epoch` (what "
         "`toolkit train` runs) at the same batch 64 with the seed recipe, in fp32 and with "
         "`--amp auto`; the speed-up compares `engine` (auto) with the reference loop. "
         "`default recipe`: batch 128 with crop + flip.",

@@ -3,8 +3,9 @@
     python -m serving.app [--artifacts artifacts] [--host 127.0.0.1] [--port 7860]
                           [--auth user:password] [--share] [--max-upload-mb 10]
 
-`toolkit serve` calls `main` with the same options. It prints the URL it listens on, and
-warns when the app is reachable from other machines (--host beyond loopback) without --auth.
+`toolkit serve` passes its arguments to `main`: these options are declared once, here.
+It prints the URL it listens on, and warns when the app is reachable from other machines
+(--host beyond loopback) without --auth.
 Only onnxruntime, Gradio, Pillow and numpy are imported (the serving image has no torch). The
 predict function is the public API, `api_name="predict"`: image first, optional model name
 second (default: the most accurate model), a gr.Label value (top label plus {label,
@@ -17,6 +18,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +54,11 @@ CSS = (
 
 
 @dataclass(frozen=True)
-class ServingConfig:
-    """What `launch` needs besides the Blocks: the upload cap and the servable files."""
+class Demo:
+    """The page and what `launch` must enforce around it: the upload cap and the only files
+    the server may hand out."""
 
+    blocks: gr.Blocks
     max_upload_bytes: int
     allowed_paths: list[str]
 
@@ -83,22 +87,21 @@ def build_demo(
     *,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     providers: list[str] | None = None,
-) -> gr.Blocks:
+) -> Demo:
     """The web app for every model under `artifacts_dir`; ArtifactError names a bad file.
 
     Launch it with `launch(demo, ...)`, which applies the upload cap and the narrow set of
-    servable files kept in `demo.serving_config`.
+    servable files the Demo carries.
     """
     catalog = load_catalog(artifacts_dir, providers)
     max_bytes = int(max_upload_mb * 1e6)
     handlers = DemoHandlers(catalog, max_bytes)
     with gr.Blocks(
         title="toolkit · image classifier", analytics_enabled=False, delete_cache=CACHE_SWEEP
-    ) as demo:
+    ) as blocks:
         widgets = _layout(handlers, max_upload_mb)
         _wire(widgets, handlers)
-    demo.serving_config = ServingConfig(max_bytes, catalog.servable_paths())
-    return demo
+    return Demo(blocks, max_bytes, catalog.servable_paths())
 
 
 def _layout(handlers: DemoHandlers, max_upload_mb: float) -> Widgets:
@@ -215,7 +218,7 @@ def _wire(w: Widgets, handlers: DemoHandlers) -> None:
 
 
 def launch(
-    demo: gr.Blocks,
+    demo: Demo,
     *,
     host: str = "127.0.0.1",
     port: int = 7860,
@@ -225,16 +228,15 @@ def launch(
     quiet: bool = False,
 ) -> str:
     """Start the server with the safety settings of `build_demo`; returns the local URL."""
-    config: ServingConfig = demo.serving_config
     # Gradio caps uploaded files only; BodyLimit caps every other request body too.
-    body_limit = Middleware(BodyLimit, max_upload_bytes=config.max_upload_bytes)
-    _, url, share_url = demo.launch(
+    body_limit = Middleware(BodyLimit, max_upload_bytes=demo.max_upload_bytes)
+    _, url, share_url = demo.blocks.launch(
         server_name=host,
         server_port=port,
         auth=auth,
         share=share,  # explicit, so $GRADIO_SHARE cannot publish the demo by surprise
-        allowed_paths=config.allowed_paths,
-        max_file_size=config.max_upload_bytes,
+        allowed_paths=demo.allowed_paths,
+        max_file_size=demo.max_upload_bytes,
         app_kwargs={"middleware": [body_limit]},
         enable_monitoring=False,
         ssr_mode=False,
@@ -282,11 +284,12 @@ def exposure_warning(host: str, auth: tuple[str, str] | None) -> str | None:
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line (argv=None: sys.argv); --auth falls back to $TOOLKIT_AUTH."""
-    parser = argparse.ArgumentParser(
-        prog="python -m serving.app", description="Serve exported image classifiers."
-    )
+def parse_args(argv: list[str] | None, prog: str = "python -m serving.app") -> argparse.Namespace:
+    """The command line (argv=None: sys.argv); --auth falls back to $TOOLKIT_AUTH.
+
+    The one declaration of the server's options: `toolkit serve` passes its arguments here.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description="Serve exported image classifiers.")
     parser.add_argument(
         "--artifacts",
         type=Path,
@@ -321,9 +324,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m serving.app") -> None:
     """Parse options, load the artifacts (exit 2 naming a bad file), serve until stopped."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("serving").setLevel(logging.INFO)  # ours, not every library's requests
     try:
@@ -345,7 +348,15 @@ def main(argv: list[str] | None = None) -> None:
         quiet=True,
     )
     print(f"Serving on {url} (Ctrl-C to stop)", flush=True)
-    demo.block_thread()
+    # `docker stop` and Kubernetes send SIGTERM; as PID 1 in a container an unhandled SIGTERM
+    # is ignored, so the server would sit out the grace period until SIGKILL. Treat it as
+    # Ctrl-C: block_thread closes the server and returns.
+    signal.signal(signal.SIGTERM, _interrupt)
+    demo.blocks.block_thread()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

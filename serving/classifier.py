@@ -19,17 +19,10 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from serving.images import prepare
+from serving.preprocess import PREPROCESSING, prepare
 
 log = logging.getLogger(__name__)
 
-# What serving/images.py implements; a model asking for anything else would be mis-served.
-SUPPORTED_PREPROCESSING = {
-    "color": "RGB",
-    "scale": "0..1",
-    "resize": "bilinear",
-    "crop": "center-square",
-}
 REQUIRED_METADATA = ("classes", "input_size", "dataset", "model", "preprocessing")
 BATCH_SIZE = 256
 PROVIDERS_ENV = "TOOLKIT_ORT_PROVIDERS"
@@ -121,11 +114,11 @@ class OnnxClassifier:
             raise ArtifactError(f"'{self.path}': metadata 'input_size' is not [height, width]")
         rules = meta["preprocessing"]
         if not isinstance(rules, dict) or any(
-            rules.get(key) != value for key, value in SUPPORTED_PREPROCESSING.items()
+            rules.get(key) != value for key, value in PREPROCESSING.items()
         ):
             raise ArtifactError(
                 f"'{self.path}' asks for preprocessing {rules}; this server implements "
-                f"{SUPPORTED_PREPROCESSING} only"
+                f"{PREPROCESSING} only"
             )
         return classes
 

@@ -16,7 +16,7 @@ import gradio as gr
 
 from serving.card import card_markdown
 from serving.catalog import Catalog, ServedModel, example_caption
-from serving.images import ImageError, open_upload
+from serving.uploads import ImageError, open_upload
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ def trained_run(tmp_path_factory, cifar_folder) -> Path:
     from toolkit.train import TrainConfig, fit
 
     root = tmp_path_factory.mktemp("runs")
-    config = TrainConfig(
-        model="net",
-        data=DataOptions(data_dir=str(cifar_folder), data_root=str(root / "data")),
+    config = TrainConfig.from_recipe(
+        "net",
+        DataOptions(data_dir=str(cifar_folder), data_root=str(root / "data")),
         epochs=4,
         batch_size=32,
         lr=0.05,

@@ -33,7 +33,7 @@ from serving.app import CACHE_SWEEP, build_demo, launch, parse_args, parse_auth
 from serving.card import card_markdown
 from serving.catalog import Catalog, load_catalog
 from serving.handlers import DemoHandlers, upload_bytes
-from serving.images import ImageError, open_upload
+from serving.uploads import ImageError, open_upload
 from tests.served import png_claiming, truncated
 from tests.synthetic import CIFAR_CLASSES, STL10_CLASSES
 
@@ -60,7 +60,7 @@ def running_demo(artifacts: Path, **launch_options) -> Iterator[str]:
     try:
         yield url
     finally:
-        demo.close()
+        demo.blocks.close()
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -355,10 +355,11 @@ def test_the_cache_sweep_deletes_old_uploads_and_keeps_the_page(served_artifacts
     """Gradio keeps every upload until restart unless delete_cache is set; the sweep must not
     take the page's own pictures (examples, failures, confusion matrix) with them."""
     demo = build_demo(served_artifacts, max_upload_mb=UPLOAD_CAP_MB)
-    assert demo.delete_cache == CACHE_SWEEP
+    blocks = demo.blocks
+    assert blocks.delete_cache == CACHE_SWEEP
     url = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        page = {f for block in demo.blocks.values() for f in getattr(block, "keep_in_cache", ())}
+        page = {f for block in blocks.blocks.values() for f in getattr(block, "keep_in_cache", ())}
         assert len(page) > 3
         # Not an example file itself: Gradio caches by content, and would find the page's copy.
         upload, note = tmp_path / "upload.png", PngInfo()
@@ -366,17 +367,17 @@ def test_the_cache_sweep_deletes_old_uploads_and_keeps_the_page(served_artifacts
         Image.open(example(served_artifacts, "cifar10", "cat")).save(upload, pnginfo=note)
         cat = handle_file(str(upload))
         assert ask(connect(url), cat, "cifar10-net")["label"] == "cat"
-        uploads = set(demo.upload_file_set)
+        uploads = set(blocks.upload_file_set)
         assert uploads and all(Path(f).exists() for f in uploads)
 
-        delete_files_created_by_app(demo, age=0)  # the hourly sweep, once everything is old
+        delete_files_created_by_app(blocks, age=0)  # the hourly sweep, once everything is old
 
         assert not any(Path(f).exists() for f in uploads)
         for path in page:
             assert httpx.get(f"{url}gradio_api/file={path}", timeout=10).status_code == 200, path
         assert ask(connect(url), cat, "cifar10-net")["label"] == "cat"
     finally:
-        demo.close()
+        blocks.close()
 
 
 # --- `python -m serving.app` -------------------------------------------------------------------

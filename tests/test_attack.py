@@ -33,7 +33,7 @@ from serving.app import exposure_warning, is_loopback
 from serving.catalog import load_catalog
 from serving.classifier import ArtifactError
 from serving.handlers import DemoHandlers
-from serving.images import ImageError, open_upload
+from serving.uploads import ImageError, open_upload
 from tests.test_app import UPLOAD_CAP_MB, ask, connect, example, running_demo
 
 REFUSED = "File not allowed"  # the body of Gradio's file route when it refuses a path
@@ -290,7 +290,7 @@ def fake_server(monkeypatch) -> list:
         launched.append(options)
         return f"http://{options['host']}:{options['port']}/"
 
-    demo = SimpleNamespace(block_thread=lambda: None)
+    demo = SimpleNamespace(blocks=SimpleNamespace(block_thread=lambda: None))
     monkeypatch.setattr(serving.app, "build_demo", lambda *args, **kwargs: demo)
     monkeypatch.setattr(serving.app, "launch", launch)
     monkeypatch.delenv("TOOLKIT_AUTH", raising=False)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import toolkit.data
+import toolkit.data.decode
 from tests.synthetic import (
     write_cifar10_batches,
     write_image_folder,
@@ -26,8 +26,8 @@ from tests.synthetic import (
 )
 from toolkit.cli import app
 from toolkit.data import DataOptions, load_data
+from toolkit.data.decode import UnreadableImage, load_image
 from toolkit.errors import ToolkitError
-from toolkit.images import UnreadableImage, load_image
 
 # --- valid images in every mode decode to the right RGB -----------------------------------
 
@@ -184,7 +184,7 @@ def test_fail_and_skip_share_the_cache_without_mixing(bad_folder, monkeypatch):
 
     # The failed run cached what it decoded: the suggested skip rerun starts from it, and a
     # later fail run still fails on the very same cache entry.
-    monkeypatch.setattr(toolkit.data, "_decode_files", no_decoding)
+    monkeypatch.setattr(toolkit.data.decode, "decode_files", no_decoding)
     assert len(load_data(_options(root, "skip")).skipped) == 5
     with pytest.raises(ToolkitError, match="5 bad files"):
         load_data(_options(root, "fail"))

@@ -5,7 +5,13 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from tests.training import interrupt_at_epoch
 from toolkit.cli import app
+from toolkit.data import DataOptions
+from toolkit.options import declared
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.run.folder import read_metrics
+from toolkit.train.config import ModelOptions, TrainConfig
 
 runner = CliRunner()
 
@@ -84,24 +90,35 @@ def test_seed_recipe_through_the_cli(cifar_folder, tmp_path):
 
 def test_resume_through_the_cli(cifar_folder, tmp_path):
     run = tmp_path / "run"
-    invoke(
-        "train",
-        "net",
-        "--data-dir",
-        cifar_folder,
-        "--data-root",
-        tmp_path,
-        "--epochs",
-        1,
-        "--device",
-        "cpu",
-        "--run-dir",
-        run,
-    )
+    args = ["net", "--data-dir", cifar_folder, "--data-root", tmp_path, "--epochs", 2]
+    with interrupt_at_epoch(2):  # Ctrl-C as epoch 2 starts
+        first = invoke("train", *args, "--device", "cpu", "--run-dir", run)
+    assert first.exit_code == 130, first.output
+    assert f"continue with: toolkit train --resume {run}" in first.output
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+
     result = invoke("train", "--resume", run)
-    # all epochs already done: resume finishes at once and keeps the run intact
     assert result.exit_code == 0, result.output
-    assert (run / "last.pt").is_file()
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    assert Checkpoint.load(run / "last.pt").epoch == 2
+
+
+def test_train_has_a_flag_for_every_declared_option():
+    """The flags are derived from the config fields: none is missing, none is extra."""
+    output = invoke("train", "--help").output
+    for cls in (DataOptions, TrainConfig, ModelOptions):
+        for option in declared(cls):
+            assert option.spelling in output, option.name
+
+
+def test_serve_passes_its_arguments_to_the_server_command_line():
+    result = invoke("serve", "--help")
+    assert result.exit_code == 0, result.output
+    assert "usage: toolkit serve" in result.output
+    for flag in ("--artifacts", "--host", "--port", "--auth", "--max-upload-mb"):
+        assert flag in result.output
+    bad = invoke("serve", "--max-upload-mb", "0")
+    assert bad.exit_code == 2 and "--max-upload-mb must be positive" in bad.output
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ from tests.synthetic import (
     write_stl10_binary,
 )
 from toolkit.data import DataOptions, carve_val, load_data
+from toolkit.data.formats import read_stl10_binary
 from toolkit.errors import ToolkitError
-from toolkit.formats import read_stl10_binary
 
 
 def test_image_folder_decodes_pixels_exactly(cifar_folder, tmp_path):
@@ -167,12 +167,12 @@ def test_second_load_comes_from_the_cache(cifar_folder, tmp_path, monkeypatch):
     options = DataOptions(data_dir=str(cifar_folder), data_root=str(tmp_path))
     first = load_data(options)
     assert list((tmp_path / "cache").glob("*.pt"))
-    import toolkit.data
+    import toolkit.data.decode
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(toolkit.data, "_decode_files", no_decoding)
+    monkeypatch.setattr(toolkit.data.decode, "decode_files", no_decoding)
     second = load_data(options)
     assert torch.equal(first.train.images, second.train.images)
     assert first.mean == second.mean

@@ -17,10 +17,12 @@ from typer.testing import CliRunner
 from tests.training import fit_interrupted_in_second_epoch
 from toolkit.cli import app
 from toolkit.data import DataOptions
-from toolkit.distributed import SINGLE, Context, context_from_env, session, state_digest
 from toolkit.errors import ToolkitError
-from toolkit.runs import build_net, load_checkpoint, read_metrics
-from toolkit.train import TrainConfig, lr_factor
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.run.folder import read_metrics
+from toolkit.train.config import TrainConfig
+from toolkit.train.distributed import SINGLE, Context, context_from_env, session, state_digest
+from toolkit.train.optim import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -78,15 +80,15 @@ def test_two_processes_train_like_one_and_write_the_run_folder_once(cifar_folder
     assert engine["global_batch_size"] == 31
 
     # Both ranks hold rank 0's checkpoint, exactly.
-    last = load_checkpoint(run / "last.pt")
+    last = Checkpoint.load(run / "last.pt")
     first, second = rank_digests(run)
-    assert first == second == state_digest(last["state_dict"])
-    build_net(load_checkpoint(run / "best.pt"))  # plain names: no DDP `module.` prefix
+    assert first == second == state_digest(last.state_dict)
+    Checkpoint.load(run / "best.pt").build_net()  # plain names: no DDP `module.` prefix
 
     # Same global order, same augmentation, gradients averaged over the whole batch: the
     # 2-process run follows the 1-process one (`net` has no BatchNorm to tell them apart).
-    reference = load_checkpoint(single / "last.pt")["state_dict"]
-    for key, tensor in last["state_dict"].items():
+    reference = Checkpoint.load(single / "last.pt").state_dict
+    for key, tensor in last.state_dict.items():
         assert torch.allclose(tensor, reference[key], atol=1e-4), key
     for ours, theirs in zip(read_metrics(run), read_metrics(single), strict=True):
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
@@ -98,13 +100,13 @@ def test_two_processes_train_like_one_and_write_the_run_folder_once(cifar_folder
 POISON_RANK_1 = """
 import os
 if os.environ.get("RANK") == "1":
-    import toolkit.engine as _engine
-    _real, _count = _engine._rank_inputs, [0]
-    def _poisoned(*args, **kwargs):
-        x, labels = _real(*args, **kwargs)
+    from toolkit import seams
+    _count = [0]
+    def _poison(step, images):
         _count[0] += 1
-        return (x * float("nan") if _count[0] == 2 else x), labels
-    _engine._rank_inputs = _poisoned
+        if _count[0] == 2:
+            images.mul_(float("nan"))
+    seams.TRAIN_BATCH.hook = _poison
 """
 
 
@@ -121,20 +123,20 @@ def test_skip_mode_under_ddp_skips_a_batch_on_every_rank(cifar_folder, tmp_path,
     args += ["--epochs", 2, "--batch-size", 32, "--device", "cpu", "--on-nan", "skip"]
     torchrun(*args, "--run-dir", run, cwd=tmp_path)
 
-    last = load_checkpoint(run / "last.pt")
-    assert [r["skipped_batches"] for r in last["history"]] == [1, 0]
+    last = Checkpoint.load(run / "last.pt")
+    assert [r["skipped_batches"] for r in last.history] == [1, 0]
     assert "epoch 1: skipped 1 of" in (run / "train.log").read_text()
     first, second = rank_digests(run)
-    assert first == second == state_digest(last["state_dict"])
-    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+    assert first == second == state_digest(last.state_dict)
+    assert all(torch.isfinite(t).all() for t in last.state_dict.values())
 
 
 def test_resume_under_ddp_continues_and_keeps_batchnorm_in_sync(cifar_folder, tmp_path):
     """A 1-process run interrupted after epoch 1 finishes its epoch 2 on 2 processes."""
-    config = TrainConfig(
-        model="net",
+    config = TrainConfig.from_recipe(
+        "net",
+        DataOptions(data_dir=str(cifar_folder), data_root=str(tmp_path / "data")),
         model_options={"batch_norm": True},
-        data=DataOptions(data_dir=str(cifar_folder), data_root=str(tmp_path / "data")),
         epochs=2,
         batch_size=32,
         device="cpu",
@@ -152,11 +154,11 @@ def test_resume_under_ddp_continues_and_keeps_batchnorm_in_sync(cifar_folder, tm
     assert rows[1]["lr"] == pytest.approx(config.lr * lr_factor(config, 9)(9))
     log = (run / "train.log").read_text()
     assert log.count("epoch 2:") == 1
-    last = load_checkpoint(run / "last.pt")
-    assert last["epoch"] == 2 and len(last["history"]) == 2
+    last = Checkpoint.load(run / "last.pt")
+    assert last.epoch == 2 and len(last.history) == 2
     # BatchNorm running statistics are per rank during an epoch; they are synced after it.
     first, second = rank_digests(run)
-    assert first == second == state_digest(last["state_dict"])
+    assert first == second == state_digest(last.state_dict)
 
 
 # --- the pure parts --------------------------------------------------------------------------

@@ -10,26 +10,22 @@ import pytest
 import torch
 from torch import nn
 
-import toolkit.engine
-import toolkit.train
+import toolkit.train.engine
+import toolkit.train.setup
+import toolkit.train.trainer
 from tests.training import tiny_config as shared_tiny_config
-from toolkit import recipes
-from toolkit.data import DataOptions, Split
-from toolkit.engine import (
-    BatchAugment,
-    Normalizer,
-    Precision,
-    StepOptions,
-    epoch_batches,
-    predict_logits,
-    resolve_amp,
-    steps_per_epoch,
-    train_one_epoch,
-)
+from toolkit.data import DataOptions, Split, load_data
 from toolkit.errors import ToolkitError
 from toolkit.models import count_parameters, create_model
-from toolkit.runs import build_net, load_checkpoint, read_metrics
-from toolkit.train import TrainConfig, fit, lr_factor
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.run.folder import read_metrics
+from toolkit.train import recipes
+from toolkit.train.batches import BatchAugment, Normalizer, epoch_batches, steps_per_epoch
+from toolkit.train.config import TrainConfig
+from toolkit.train.engine import StepOptions, predict_logits, train_one_epoch
+from toolkit.train.optim import lr_factor
+from toolkit.train.precision import Precision, resolve_amp
+from toolkit.train.trainer import fit
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -67,13 +63,14 @@ def test_amp_refuses_fp16_on_the_cpu_and_unknown_modes():
         resolve_amp("fp8", CUDA)
 
 
-def test_only_fp16_gets_a_grad_scaler():
-    assert Precision("bf16", torch.bfloat16).grad_scaler(CUDA) is None
-    assert Precision("off").grad_scaler(CUDA) is None
+def test_only_fp16_gets_an_enabled_grad_scaler():
+    assert not Precision("bf16", torch.bfloat16).grad_scaler(CUDA).is_enabled()
+    assert not Precision("off").grad_scaler(CPU).is_enabled()
     with warnings.catch_warnings():  # "CUDA is not available" on a machine without a GPU
         warnings.simplefilter("ignore")
         scaler = Precision("fp16", torch.float16).grad_scaler(CUDA)
     assert isinstance(scaler, torch.amp.GradScaler)
+    assert scaler.is_enabled() == torch.cuda.is_available()  # GradScaler disables itself
 
 
 def test_bf16_autocast_really_runs_the_convolutions_in_bf16():
@@ -107,8 +104,8 @@ def test_config_json_records_the_resolved_engine(cifar_folder, tmp_path):
     assert (engine["amp"], engine["compile"], engine["world_size"]) == ("bf16", False, 1)
     assert engine["channels_last"] is True and engine["cudnn_benchmark"] is False
     assert engine["device"] == "cpu" and engine["distributed_backend"] is None
-    ckpt = load_checkpoint(run / "last.pt")
-    assert all(t.dtype != torch.bfloat16 for t in ckpt["state_dict"].values())
+    ckpt = Checkpoint.load(run / "last.pt")
+    assert all(t.dtype != torch.bfloat16 for t in ckpt.state_dict.values())
 
 
 # --- torch.compile ---------------------------------------------------------------------------
@@ -129,11 +126,11 @@ def test_compiled_run_trains_the_same_and_saves_plain_checkpoints(
 ):
     """The compile path with the 'eager' backend (dynamo tracing, no C++ code generation):
     same numbers as the uncompiled run, checkpoints without `_orig_mod.` / `module.`."""
-    monkeypatch.setattr(toolkit.engine, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(toolkit.train.engine, "COMPILE_BACKEND", "eager")
     compiled_nets = []
-    real_compile = toolkit.train.compile_in_place
+    real_compile = toolkit.train.setup.compile_in_place
     monkeypatch.setattr(
-        toolkit.train,
+        toolkit.train.setup,
         "compile_in_place",
         lambda net: compiled_nets.append(real_compile(net)) or net,
     )
@@ -145,11 +142,11 @@ def test_compiled_run_trains_the_same_and_saves_plain_checkpoints(
     assert len(compiled_nets) == 1 and compiled_nets[0]._compiled_call_impl is not None
     assert json.loads((compiled / "config.json").read_text())["engine"]["compile"] is True
     for name in ("best.pt", "last.pt"):
-        ckpt = load_checkpoint(compiled / name)
-        assert not [k for k in ckpt["state_dict"] if k.startswith(("_orig_mod.", "module."))]
-        build_net(ckpt)  # strict load into a fresh, plain model
-    a = load_checkpoint(compiled / "last.pt")["state_dict"]
-    b = load_checkpoint(plain / "last.pt")["state_dict"]
+        ckpt = Checkpoint.load(compiled / name)
+        assert not [k for k in ckpt.state_dict if k.startswith(("_orig_mod.", "module."))]
+        ckpt.build_net()  # strict load into a fresh, plain model
+    a = Checkpoint.load(compiled / "last.pt").state_dict
+    b = Checkpoint.load(plain / "last.pt").state_dict
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
@@ -162,7 +159,7 @@ def test_a_failing_compiler_is_one_clear_error(cifar_folder, tmp_path, monkeypat
     def broken_backend(graph_module, example_inputs):
         raise RuntimeError("no working C++ compiler")
 
-    monkeypatch.setattr(toolkit.engine, "COMPILE_BACKEND", broken_backend)
+    monkeypatch.setattr(toolkit.train.engine, "COMPILE_BACKEND", broken_backend)
     torch._dynamo.reset()
     with pytest.raises(ToolkitError, match="torch.compile failed.*without --compile"):
         fit(tiny_config(cifar_folder, tmp_path, compile=True), run_dir=tmp_path / "run")
@@ -175,9 +172,14 @@ def test_inductor_compiled_run(cifar_folder, tmp_path):
     config = tiny_config(cifar_folder, tmp_path, compile=True, model="resnet9")
     config = replace_config(config, model_options={"width": 4})
     run = _fit_compiled(config, tmp_path / "run").run_dir
-    ckpt = load_checkpoint(run / "best.pt")
-    assert not [k for k in ckpt["state_dict"] if k.startswith(("_orig_mod.", "module."))]
-    assert build_net(ckpt) is not None
+    ckpt = Checkpoint.load(run / "best.pt")
+    assert not [k for k in ckpt.state_dict if k.startswith(("_orig_mod.", "module."))]
+    # The compiled model's weights, loaded into a plain one, reproduce its val accuracy.
+    val = load_data(config.data, seed=config.seed).val
+    normalize = Normalizer(ckpt.dataset["mean"], ckpt.dataset["std"], CPU)
+    logits = predict_logits(ckpt.build_net(), val.images, normalize, CPU)
+    accuracy = (logits.argmax(1) == val.labels).float().mean().item()
+    assert accuracy == pytest.approx(ckpt.best_val_acc, abs=1e-6)
 
 
 def replace_config(config: TrainConfig, **changes) -> TrainConfig:
@@ -200,13 +202,13 @@ def test_normalizer_gives_channels_last_with_the_same_values():
 
 def test_fit_trains_a_channels_last_model(cifar_folder, tmp_path, monkeypatch):
     seen = []
-    real = toolkit.train.train_one_epoch
+    real = toolkit.train.trainer.train_one_epoch
 
     def spy(net, *args, **kwargs):
         seen.append(next(m for m in net.modules() if isinstance(m, nn.Conv2d)).weight)
         return real(net, *args, **kwargs)
 
-    monkeypatch.setattr(toolkit.train, "train_one_epoch", spy)
+    monkeypatch.setattr(toolkit.train.trainer, "train_one_epoch", spy)
     fit(tiny_config(cifar_folder, tmp_path), run_dir=tmp_path / "run")
     assert seen and seen[0].is_contiguous(memory_format=torch.channels_last)
 
@@ -331,7 +333,9 @@ def test_resnet9_recipe_and_the_seed_recipe_stay_apart():
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero():
-    config = TrainConfig(model="resnet9", schedule="linear", warmup_epochs=2, epochs=10)
+    config = TrainConfig.from_recipe(
+        "resnet9", DataOptions(), schedule="linear", warmup_epochs=2, epochs=10
+    )
     factor = lr_factor(config, steps_per_epoch=10)
     values = [factor(s) for s in range(100)]
     assert values[0] == pytest.approx(0.05) and values[19] == 1.0
@@ -354,13 +358,15 @@ def test_resnet9_default_recipe_trains_end_to_end(cifar_folder, tmp_path):
     """The whole recipe (linear warm-up, cutout, label smoothing) on a narrow resnet9."""
     values = recipes.resolve("default", "resnet9", {"epochs": 2, "batch_size": 64})
     assert values["warmup_epochs"] == pytest.approx(5 * 2 / 24)  # the recipe's share of epochs
-    config = TrainConfig(
-        model="resnet9",
+    config = TrainConfig.from_recipe(
+        "resnet9",
+        DataOptions(data_dir=str(cifar_folder), data_root=str(tmp_path)),
         model_options={"width": 4},
-        data=DataOptions(data_dir=str(cifar_folder), data_root=str(tmp_path)),
         device="cpu",
-        **values,
+        epochs=2,
+        batch_size=64,
     )
+    assert config.warmup_epochs == values["warmup_epochs"]
     result = fit(config, run_dir=tmp_path / "run")
     rows = read_metrics(result.run_dir)
     assert [r["epoch"] for r in rows] == [1, 2]

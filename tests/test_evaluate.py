@@ -19,7 +19,8 @@ from toolkit.cli import app
 from toolkit.data import DataOptions, Split, load_data
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import compare_runs, compute_metrics, evaluate_run, select_failures
-from toolkit.runs import build_classifier, load_checkpoint, read_json
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.run.folder import read_json
 
 EVAL_FILES = (
     "metrics.json",
@@ -57,7 +58,7 @@ def read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
 def independent_probs(run: Path, images: torch.Tensor) -> torch.Tensor:
     """Softmax of best.pt through NormalizedClassifier: a second path to the same predictions."""
     with torch.no_grad():
-        return build_classifier(load_checkpoint(run / "best.pt"))(images.float() / 255).softmax(1)
+        return Checkpoint.load(run / "best.pt").build_classifier()(images.float() / 255).softmax(1)
 
 
 def is_png(path: Path) -> bool:
@@ -146,8 +147,8 @@ def test_evaluate_writes_every_file_and_the_numbers_agree(evaluated):
 
     metrics = json.loads((out / "metrics.json").read_text())
     classes, cm = read_confusion(out / "confusion_matrix.csv")
-    ckpt = load_checkpoint(run / "best.pt")
-    assert classes == ckpt["dataset"]["classes"]
+    ckpt = Checkpoint.load(run / "best.pt")
+    assert classes == ckpt.dataset["classes"]
     assert metrics["n"] == summary["n"] == cm.sum() == 100  # 10 test images x 10 classes
     assert cm.sum(axis=1).tolist() == [10] * 10  # rows are the true classes
     assert metrics["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
@@ -179,7 +180,7 @@ def test_predictions_match_the_exported_style_classifier(evaluated):
 
 def test_evaluation_uses_best_pt_not_last_pt(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
-    ckpt = load_checkpoint(run / "best.pt")
+    ckpt = torch.load(run / "best.pt", weights_only=True)
     # Make best.pt predict "cat" for every image, and make last.pt unreadable: only an
     # evaluation of best.pt can succeed *and* put all 100 test images in the cat column.
     head = [k for k in ckpt["state_dict"] if k.endswith("weight")][-1]
@@ -254,7 +255,7 @@ def test_val_split_writes_eval_val(trained_run, tmp_path):
     cfg = read_json(run / "config.json")
     assert metrics["split"] == "val" and metrics["n"] == cfg["sizes"]["val"] == 30
     # The carve is the run's own: the best checkpoint's val accuracy is reproduced exactly.
-    assert metrics["accuracy"] == pytest.approx(load_checkpoint(run / "best.pt")["best_val_acc"])
+    assert metrics["accuracy"] == pytest.approx(Checkpoint.load(run / "best.pt").best_val_acc)
 
 
 def test_bad_inputs_raise_toolkit_errors(trained_run, tmp_path):
@@ -324,7 +325,7 @@ def test_compare_rejects_bad_run_folders(tmp_path):
     with pytest.raises(ToolkitError, match="does not exist"):
         compare_runs([tmp_path / "missing"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ToolkitError, match="config.json"):
+    with pytest.raises(ToolkitError, match="best.pt' not found"):
         compare_runs([tmp_path / "empty"])
 
 

@@ -17,14 +17,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
-import toolkit.bench
-import toolkit.export
-import toolkit.onnx_export
+import toolkit.export.bench
+import toolkit.export.exporter
+import toolkit.export.onnx_graph
+from serving.preprocess import PREPROCESSING
 from tests.synthetic import write_image_folder
-from toolkit.atomic import atomic_torch_save
-from toolkit.bench import (
+from toolkit.cli import app
+from toolkit.data import DataOptions, load_data
+from toolkit.errors import ToolkitError
+from toolkit.evaluate import evaluate_run
+from toolkit.export import REQUIRED_AGREEMENT, export_run
+from toolkit.export.bench import (
     CPU,
     CUDA,
     Timing,
@@ -33,14 +39,8 @@ from toolkit.bench import (
     cuda_provider_usable,
     make_session,
 )
-from toolkit.cli import app
-from toolkit.data import DataOptions, load_data
-from toolkit.engine import Normalizer, evaluate_split
-from toolkit.errors import ToolkitError
-from toolkit.export import REQUIRED_AGREEMENT, export_run
-from toolkit.models import MODELS, count_parameters, create_model
-from toolkit.onnx_export import (
-    PREPROCESSING,
+from toolkit.export.onnx_graph import (
+    ExportHead,
     check_model,
     count_macs,
     load_onnx,
@@ -48,9 +48,11 @@ from toolkit.onnx_export import (
     read_metadata,
     torch_to_onnx,
 )
-from toolkit.quantize import convert_fp16
-from toolkit.runs import build_classifier, build_net, load_checkpoint
-from toolkit.runs import make_checkpoint as make_ckpt
+from toolkit.export.quantize import convert_fp16
+from toolkit.models import MODELS, count_parameters, create_model
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.train.batches import Normalizer
+from toolkit.train.engine import evaluate_split
 
 FAST = Timing(warmup=1, min_runs=2, max_runs=2, budget_s=0.0)
 OPTION_VALUES = {"dropout": 0.2, "batch_norm": True, "width": 8}
@@ -100,25 +102,28 @@ def make_run(
             net(torch.randn(16, 3, bundle.image_size, bundle.image_size) * 1.5 + 0.3)
     net.eval()
     config = {"model": model, "data": asdict(data), "seed": 0}
-    ckpt = make_ckpt(
-        net=net,
-        model_info={
+    ckpt = Checkpoint(
+        model={
             "name": model,
             "options": options,
             "num_classes": 10,
             "input_size": bundle.image_size,
             "in_channels": 3,
         },
-        dataset_info=bundle.info(),
+        dataset=bundle.info(),
+        config=config,
         epoch=1,
         metrics={},
         best_val_acc=0.25,
         best_epoch=1,
-        config=config,
+        history=[],
+        state_dict=net.state_dict(),
+        optimizer={},
+        scheduler={},
     )
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(config))
-    atomic_torch_save(run_dir / "best.pt", ckpt)
+    (run_dir / "best.pt").write_bytes(ckpt.to_bytes())
     return run_dir
 
 
@@ -259,8 +264,8 @@ def test_every_registered_model_exports_with_parity(
     assert v["max_abs_logit_diff"] < 1e-4
     assert v["onnx_accuracy"] == pytest.approx(v["torch_accuracy"], abs=1 - REQUIRED_AGREEMENT)
 
-    ckpt = load_checkpoint(run / "best.pt")
-    net = build_net(ckpt)
+    ckpt = Checkpoint.load(run / "best.pt")
+    net = ckpt.build_net()
     assert report["stats"]["params"] == count_parameters(net)
     assert report["stats"]["macs_per_image"] == torch_macs(net, (3, 32, 32))
 
@@ -279,7 +284,7 @@ def test_every_registered_model_exports_with_parity(
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits, probs = session.run(None, {"image": x})
     with torch.no_grad():
-        expected = build_classifier(ckpt)(torch.from_numpy(x)).numpy()
+        expected = ckpt.build_classifier()(torch.from_numpy(x)).numpy()
     assert logits.shape == probs.shape == (5, 10)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(
@@ -316,10 +321,15 @@ def read_metadata_raw(model: onnx.ModelProto) -> dict[str, str]:
 def test_metadata_round_trips_through_onnx_ort_and_sidecar(tmp_path, cifar_folder, data_root):
     run = make_run(tmp_path / "run", cifar_folder, data_root, "lenet5", {"batch_norm": True})
     (run / "eval").mkdir()
-    evaluation = {"split": "test", "accuracy": 0.4375, "checkpoint_epoch": 1}
+    ckpt = Checkpoint.load(run / "best.pt")
+    evaluation = {
+        "split": "test",
+        "accuracy": 0.4375,
+        "checkpoint_epoch": 1,
+        "dataset": {"fingerprint": ckpt.fingerprint},
+    }
     (run / "eval" / "metrics.json").write_text(json.dumps(evaluation))
     export_run(run, timing=FAST)
-    ckpt = load_checkpoint(run / "best.pt")
     path = run / "export" / "model.onnx"
 
     raw = read_metadata_raw(onnx.load(str(path)))
@@ -330,45 +340,66 @@ def test_metadata_round_trips_through_onnx_ort_and_sidecar(tmp_path, cifar_folde
 
     decoded = read_metadata(onnx.load(str(path)))
     assert decoded == json.loads((run / "export" / "model.json").read_text())
-    assert decoded["classes"] == ckpt["dataset"]["classes"]
-    assert decoded["mean"] == ckpt["dataset"]["mean"] and decoded["std"] == ckpt["dataset"]["std"]
+    assert decoded["classes"] == ckpt.dataset["classes"]
+    assert decoded["mean"] == ckpt.dataset["mean"] and decoded["std"] == ckpt.dataset["std"]
     assert decoded["input_size"] == [32, 32]
     assert raw["dataset"] == "cifar10" and raw["model"] == "lenet5"
     assert decoded["model_options"] == {"batch_norm": True}
-    assert decoded["num_params"] == count_parameters(build_net(ckpt))
+    assert decoded["num_params"] == count_parameters(ckpt.build_net())
     assert decoded["test_accuracy"] == 0.4375 and raw["test_accuracy"] == "0.4375"
     assert decoded["val_accuracy"] == 0.25
     assert decoded["preprocessing"] == PREPROCESSING
-    assert decoded["toolkit_version"] == ckpt["toolkit_version"]
+    assert decoded["toolkit_version"] == ckpt.toolkit_version
 
     # The graph normalises with exactly the mean/std the metadata states.
     x = np.random.default_rng(2).random((4, 3, 32, 32), dtype=np.float32)
     mean = torch.tensor(decoded["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(decoded["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
-        expected = build_net(ckpt)((torch.from_numpy(x) - mean) / std).numpy()
+        expected = ckpt.build_net()((torch.from_numpy(x) - mean) / std).numpy()
     np.testing.assert_allclose(session.run(["logits"], {"image": x})[0], expected, atol=1e-4)
 
 
 @pytest.mark.parametrize(
-    "metrics",
+    "changes",
     [
         None,
-        {"split": "val", "accuracy": 0.9},
-        {"split": "test", "accuracy": 0.9, "checkpoint_epoch": 7},  # an older best.pt
-        {"split": "test", "accuracy": 0.9, "dataset": {"fingerprint": "other data"}},
+        {"split": "val"},
+        {"checkpoint_epoch": 7},  # an older best.pt
+        {"dataset": {"fingerprint": "other data"}},
     ],
 )
 def test_test_accuracy_only_from_a_test_split_evaluation(
-    tmp_path, cifar_folder, data_root, metrics
+    tmp_path, cifar_folder, data_root, changes
 ):
+    """Only an evaluation of this best.pt, on this data's test split, is published; each
+    case differs from a current evaluation in one field."""
     run = make_run(tmp_path / "run", cifar_folder, data_root, "net", {})
-    if metrics is not None:
+    if changes is not None:
         (run / "eval").mkdir()
-        (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+        current = {
+            "split": "test",
+            "accuracy": 0.9,
+            "checkpoint_epoch": 1,
+            "dataset": {"fingerprint": Checkpoint.load(run / "best.pt").fingerprint},
+        }
+        (run / "eval" / "metrics.json").write_text(json.dumps({**current, **changes}))
     report = export_run(run, timing=FAST)
     assert "test_accuracy" not in read_metadata_raw(onnx.load(str(run / "export" / "model.onnx")))
     assert set(report["metadata"]) == META_KEYS
+
+
+def test_export_and_evaluate_refuse_data_changed_since_training(tmp_path, data_root):
+    """One policy for a run's data: both steps refuse other images than the model was
+    trained on, naming the fix, rather than report figures about other data."""
+    folder = write_image_folder(tmp_path / "data", per_class={"train": 6, "test": 2})
+    run = make_run(tmp_path / "run", folder, data_root, "net", {})
+    image = sorted((folder / "test" / "cat").glob("*.png"))[0]
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    for step in (lambda: export_run(run, timing=FAST), lambda: evaluate_run(run, device="cpu")):
+        with pytest.raises(ToolkitError, match="is not the data .* was trained on.*restore"):
+            step()
+    assert not (run / "export" / "model.onnx").exists() and not (run / "eval").exists()
 
 
 def test_verifies_on_val_when_the_source_has_no_test_split(tmp_path, data_root):
@@ -395,11 +426,11 @@ def exported(trained_run, tmp_path_factory) -> tuple[dict, Path, Path]:
 
 def test_trained_model_keeps_its_accuracy_through_export(trained_run, exported):
     report, out, _ = exported
-    ckpt = load_checkpoint(trained_run / "best.pt")
+    ckpt = Checkpoint.load(trained_run / "best.pt")
     config = json.loads((trained_run / "config.json").read_text())
     data = load_data(DataOptions(**config["data"]), seed=config["seed"])
     _, torch_acc = evaluate_split(
-        build_net(ckpt),
+        ckpt.build_net(),
         data.test,
         Normalizer(data.mean, data.std, torch.device("cpu")),
         torch.device("cpu"),
@@ -412,7 +443,7 @@ def test_trained_model_keeps_its_accuracy_through_export(trained_run, exported):
     assert v["split"] == "test" and v["images"] == len(data.test)
     assert v["torch_accuracy"] == pytest.approx(torch_acc)
     assert v["onnx_accuracy"] == pytest.approx(onnx_acc) == pytest.approx(torch_acc)
-    assert v["top1_agreement"] == 1.0 and v["data_fingerprint_matches"]
+    assert v["top1_agreement"] == 1.0
     assert onnx_acc > 0.5  # far above chance (0.1): the test sees a real model, not noise
     assert json.loads((out / "export-report.json").read_text()) == json.loads(json.dumps(report))
 
@@ -607,7 +638,7 @@ def test_a_cuda_session_never_silently_runs_on_the_cpu(exported):
     # onnxruntime-gpu falls back to the CPU without a GPU; that must not be timed as "CUDA".
     with pytest.raises(ToolkitError, match="could not place the model on ORT CUDA|cannot load"):
         make_session((out / "model.onnx").read_bytes(), CUDA, threads=1)
-    assert toolkit.bench.runtimes() == [CPU]
+    assert toolkit.export.bench.runtimes() == [CPU]
 
 
 def test_parity_failure_fails_loudly_and_writes_nothing(
@@ -618,10 +649,10 @@ def test_parity_failure_fails_loudly_and_writes_nothing(
     def export_another_model(head, shape, opset):
         # A drifted graph: same architecture, different weights.
         other = make_run(tmp_path / "other", cifar_folder, data_root, "net", {}, seed=7)
-        drifted = toolkit.export.ExportHead(build_classifier(load_checkpoint(other / "best.pt")))
+        drifted = ExportHead(Checkpoint.load(other / "best.pt").build_classifier())
         return torch_to_onnx(drifted, shape, opset)
 
-    monkeypatch.setattr(toolkit.onnx_export, "torch_to_onnx", export_another_model)
+    monkeypatch.setattr(toolkit.export.onnx_graph, "torch_to_onnx", export_another_model)
     with pytest.raises(ToolkitError, match="agree on only"):
         export_run(run, triton_dir=tmp_path / "triton", timing=FAST)
     assert not list((run / "export").glob("*"))  # not even a temporary file
@@ -635,7 +666,7 @@ def test_cpu_info_matches_proc_cpuinfo():
     flag_lines = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")]
     flags = set(flag_lines[0].split(":", 1)[1].split())
     info = cpu_info()
-    for flag in toolkit.bench.CPU_FLAGS:
+    for flag in toolkit.export.bench.CPU_FLAGS:
         assert info[flag] == (flag in flags), flag
     assert info["vnni"] == bool({"avx512_vnni", "avx_vnni"} & flags)
 
@@ -644,8 +675,8 @@ def test_cpu_info_matches_proc_cpuinfo():
 
 
 def test_cli_export_and_bench(trained_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(toolkit.export, "DEFAULT_TIMING", FAST)
-    monkeypatch.setattr(toolkit.bench, "DEFAULT_TIMING", FAST)
+    monkeypatch.setattr(toolkit.export.exporter, "DEFAULT_TIMING", FAST)
+    monkeypatch.setattr(toolkit.export.bench, "DEFAULT_TIMING", FAST)
     runner = CliRunner()
     out = tmp_path / "cli-export"
     result = runner.invoke(app, ["export", str(trained_run), "--out", str(out)])

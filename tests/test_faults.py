@@ -26,7 +26,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import toolkit.atomic
-import toolkit.engine
 from tests.training import (
     assert_run_folder_intact,
     fit_interrupted_in_second_epoch,
@@ -39,19 +38,24 @@ from tests.training import (
     toolkit_process,
     wait_for,
 )
+from toolkit import seams
 from toolkit.atomic import WriteError, atomic_write_bytes
-from toolkit.bench import Timing
 from toolkit.cli import app
 from toolkit.data import Split
-from toolkit.engine import Normalizer, StepOptions, train_one_epoch
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run
 from toolkit.export import export_run
+from toolkit.export.bench import Timing
+from toolkit.export.package import package_run
+from toolkit.export.triton import write_triton_repo
 from toolkit.models import create_model
-from toolkit.package import package_run
-from toolkit.runs import CHECKPOINT_VERSION, load_checkpoint, read_json
-from toolkit.train import TrainConfig, fit
-from toolkit.triton import write_triton_repo
+from toolkit.run import checkpoint
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.run.folder import read_json
+from toolkit.train.batches import Normalizer
+from toolkit.train.engine import StepOptions, train_one_epoch
+from toolkit.train.trainer import fit
+from toolkit.train.trainer import resume as resume_run
 
 EPOCHS = 2
 BATCHES_PER_EPOCH = 9  # 270 synthetic training images in batches of 32
@@ -91,10 +95,9 @@ def resume(run: Path) -> None:
     assert metrics_epochs(run) == list(range(1, EPOCHS + 1))
     assert temp_files(run) == []
     last = assert_run_folder_intact(run)
-    assert last["epoch"] == EPOCHS and len(last["history"]) == EPOCHS
-    rows = last["history"]
-    best = max(rows, key=lambda r: r["val_acc"])  # the first of equals, like training
-    assert load_checkpoint(run / "best.pt")["epoch"] == best["epoch"] == last["best_epoch"]
+    assert last.epoch == EPOCHS and len(last.history) == EPOCHS
+    best = max(last.history, key=lambda r: r["val_acc"])  # the first of equals, like training
+    assert Checkpoint.load(run / "best.pt").epoch == best["epoch"] == last.best_epoch
 
 
 # --- SIGKILL ---------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ def test_kill_mid_epoch_loses_only_that_epoch(cifar_folder, data_root, tmp_path)
         wait_for(lambda: 1 in metrics_epochs(run) and marker.exists(), child, log)
         sigkill(child)
     assert marker.read_text() == "epoch 2 step 4"  # killed with 3 steps of epoch 2 done
-    assert assert_run_folder_intact(run)["epoch"] == 1
+    assert assert_run_folder_intact(run).epoch == 1
     assert metrics_epochs(run) == [1]
 
     resume(run)  # epoch 2 again, from last.pt's epoch 1 (test_resume_is_exact: bit-exactly)
@@ -132,7 +135,7 @@ def test_kill_mid_checkpoint_write(cifar_folder, data_root, tmp_path, name, nth,
         assert temporary.parent == run and temporary.stat().st_size > 0
         sigkill(child)
     assert temporary.exists() and temp_files(run) == [temporary]
-    assert assert_run_folder_intact(run)["epoch"] == last_epoch
+    assert assert_run_folder_intact(run).epoch == last_epoch
     assert metrics_epochs(run) == rows
     assert (run / "best.pt").exists() == (name != "best.pt")
 
@@ -204,15 +207,15 @@ def test_too_little_free_space_is_refused_before_training(cifar_folder, tmp_path
     fit_interrupted_in_second_epoch(config, tmp_path / "run")
     monkeypatch.setattr(shutil, "disk_usage", fake_disk_usage(5 * 2**20))
     with pytest.raises(ToolkitError, match="not enough free space.*then resume"):
-        fit(config, resume=tmp_path / "run")
+        resume_run(tmp_path / "run")
     monkeypatch.setattr(shutil, "disk_usage", fake_disk_usage(200 * 2**20))  # plenty
-    assert fit(config, resume=tmp_path / "run").epochs_done == 2
+    assert resume_run(tmp_path / "run").epochs_done == 2
 
 
 def fail_nth_write(monkeypatch, name: str, nth: int) -> dict:
     """Make the `nth` atomic write of a file `name` fail with ENOSPC after writing half of
-    its bytes, as a disk filling up mid-write would. Returns what happened."""
-    real = toolkit.atomic._fill_temp
+    its bytes, as a disk filling up mid-write would (the FILL_TEMP seam; undone by
+    monkeypatch.undo). Returns what happened."""
     seen = {"count": 0, "half_written": None}
 
     def filling_up(fd, tmp, write):
@@ -225,9 +228,8 @@ def fail_nth_write(monkeypatch, name: str, nth: int) -> dict:
                 os.close(fd)
                 seen["half_written"] = Path(tmp).stat().st_size
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(fd, tmp, write)
 
-    monkeypatch.setattr(toolkit.atomic, "_fill_temp", filling_up)
+    monkeypatch.setattr(seams.FILL_TEMP, "hook", filling_up)
     return seen
 
 
@@ -245,11 +247,11 @@ def test_full_disk_mid_write_keeps_the_old_file(
     assert "No space left on device" in message and f"--resume {run}" in message
     assert seen["half_written"] > 0  # there was a half-written temporary to clean up
     assert temp_files(run) == []
-    assert assert_run_folder_intact(run)["epoch"] == last_epoch
+    assert assert_run_folder_intact(run).epoch == last_epoch
     assert metrics_epochs(run) == [1]
 
     monkeypatch.undo()
-    assert fit(config, resume=run).epochs_done == EPOCHS
+    assert resume_run(run).epochs_done == EPOCHS
     assert metrics_epochs(run) == list(range(1, EPOCHS + 1))
 
 
@@ -297,15 +299,14 @@ def test_a_folder_that_turned_read_only_is_a_clear_error(tmp_path, monkeypatch):
 def poison_batches(monkeypatch, bad: set[int]) -> None:
     """Training batches number `bad` (1-based, counted across epochs) become NaN images:
     their forward pass fills BatchNorm's statistics with NaN and their loss is NaN."""
-    real = toolkit.engine._rank_inputs
     count = [0]
 
-    def poisoned(*args, **kwargs):
-        x, labels = real(*args, **kwargs)
+    def poison(step, images):
         count[0] += 1
-        return (x * float("nan") if count[0] in bad else x), labels
+        if count[0] in bad:
+            images.mul_(float("nan"))
 
-    monkeypatch.setattr(toolkit.engine, "_rank_inputs", poisoned)
+    monkeypatch.setattr(seams.TRAIN_BATCH, "hook", poison)
 
 
 def test_skip_mode_steps_over_non_finite_batches(cifar_folder, tmp_path, monkeypatch):
@@ -318,10 +319,10 @@ def test_skip_mode_steps_over_non_finite_batches(cifar_folder, tmp_path, monkeyp
     poison_batches(monkeypatch, {2, 5})
     result = fit(replace(config, on_nan="skip"), run_dir=tmp_path / "skip")
     assert result.epochs_done == 2 and result.best_val_acc > 0.3  # chance is 0.1
-    last = load_checkpoint(tmp_path / "skip" / "last.pt")
-    assert [r["skipped_batches"] for r in last["history"]] == [2, 0]
-    tensors = list(last["state_dict"].values())
-    tensors += [t for s in last["optimizer"]["state"].values() for t in s.values()]
+    last = Checkpoint.load(tmp_path / "skip" / "last.pt")
+    assert [r["skipped_batches"] for r in last.history] == [2, 0]
+    tensors = list(last.state_dict.values())
+    tensors += [t for s in last.optimizer["state"].values() for t in s.values()]
     assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
     log = (tmp_path / "skip" / "train.log").read_text()
     assert f"epoch 1: skipped 2 of {BATCHES_PER_EPOCH} batches" in log
@@ -337,7 +338,7 @@ def test_skip_mode_stops_when_a_whole_epoch_is_bad(cifar_folder, tmp_path, monke
         r"checkpoint is .*last.pt \(epoch 1\)",
     ):
         fit(config, run_dir=tmp_path / "run")
-    assert assert_run_folder_intact(tmp_path / "run")["epoch"] == 1
+    assert assert_run_folder_intact(tmp_path / "run").epoch == 1
 
 
 def test_a_skipped_batch_takes_no_step_and_leaves_batchnorm_alone():
@@ -393,18 +394,9 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def checkpoint_like(**changes) -> dict:
-    ckpt = {
-        "format": "toolkit-checkpoint",
-        "format_version": CHECKPOINT_VERSION,
-        "toolkit_version": "0.1.0",
-        "model": {"name": "net"},
-        "dataset": {"name": "cifar10"},
-        "epoch": 1,
-        "state_dict": {"w": torch.zeros(2)},
-        "config": {},
-    }
-    ckpt.update(changes)
+def checkpoint_like(good: Path, **changes) -> dict:
+    """The dict of the good checkpoint `good`, with `changes` (None removes a key)."""
+    ckpt = {**torch.load(good, weights_only=True), **changes}
     return {k: v for k, v in ckpt.items() if v is not None}
 
 
@@ -421,7 +413,7 @@ BAD_CHECKPOINTS = {
         "not a readable toolkit checkpoint",
     ),
     "plain pickle of a dict": (
-        lambda p, good: p.write_bytes(pickle.dumps(checkpoint_like())),
+        lambda p, good: p.write_bytes(pickle.dumps(checkpoint_like(good))),
         "not a readable toolkit checkpoint",
     ),
     "a tensor dict, no tag": (
@@ -429,16 +421,24 @@ BAD_CHECKPOINTS = {
         "not a toolkit checkpoint",
     ),
     "newer format": (
-        lambda p, good: torch.save(checkpoint_like(format_version=CHECKPOINT_VERSION + 1), p),
+        lambda p, good: torch.save(checkpoint_like(good, format_version=checkpoint.VERSION + 1), p),
         r"format 2; this toolkit \(.*\) reads up to 1. Upgrade",
     ),
     "format version not a number": (
-        lambda p, good: torch.save(checkpoint_like(format_version="1"), p),
+        lambda p, good: torch.save(checkpoint_like(good, format_version="1"), p),
         "no valid checkpoint format version",
     ),
     "no weights": (
-        lambda p, good: torch.save(checkpoint_like(state_dict=None), p),
-        "damaged toolkit checkpoint .*state_dict",
+        lambda p, good: torch.save(checkpoint_like(good, state_dict=None), p),
+        r"damaged toolkit checkpoint \(no valid state_dict\)",
+    ),
+    "no optimizer state": (
+        lambda p, good: torch.save(checkpoint_like(good, optimizer=None), p),
+        r"damaged toolkit checkpoint \(no valid optimizer\)",
+    ),
+    "a model section without its input size": (
+        lambda p, good: torch.save(checkpoint_like(good, model={"name": "net"}), p),
+        r"damaged toolkit checkpoint \(no valid model\)",
     ),
 }
 
@@ -449,14 +449,14 @@ def test_bad_checkpoints_are_refused_in_one_line(trained_run, tmp_path, kind):
     path = tmp_path / "best.pt"
     write(path, trained_run / "best.pt")
     with pytest.raises(ToolkitError, match=message) as info:
-        load_checkpoint(path)
+        Checkpoint.load(path)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
 def test_a_checkpoint_of_an_older_toolkit_with_the_same_format_loads(trained_run, tmp_path):
     ckpt = torch.load(trained_run / "best.pt", weights_only=True)
     torch.save({**ckpt, "toolkit_version": "0.0.1"}, tmp_path / "best.pt")
-    assert load_checkpoint(tmp_path / "best.pt")["toolkit_version"] == "0.0.1"
+    assert Checkpoint.load(tmp_path / "best.pt").toolkit_version == "0.0.1"
 
 
 @pytest.mark.parametrize("container", ["pickle", "torch.save"])
@@ -480,11 +480,11 @@ def test_malicious_checkpoints_run_no_code(trained_run, tmp_path, container):
     # A plain pickle is not even a torch file; torch.save's zip names the code it would call.
     message = "not a torch checkpoint file" if container == "pickle" else r"calls Python code"
     with pytest.raises(ToolkitError, match=message):
-        load_checkpoint(run / "best.pt")
+        Checkpoint.load(run / "best.pt")
     with pytest.raises(ToolkitError, match=message):
         evaluate_run(run, device="cpu")
     with pytest.raises(ToolkitError, match=message):
-        fit(TrainConfig(model="net"), resume=run)
+        resume_run(run)
     assert not marker.exists()
 
 
@@ -525,8 +525,8 @@ FOREIGN_CHECKPOINTS = {
     "another dataset": (retag(**{"dataset.name": "stl10"}), "not this run's checkpoint.*stl10"),
     "other data": (retag(**{"dataset.fingerprint": "0" * 40}), "not this run's checkpoint"),
     "weights of another shape": (wrong_weights, "last.pt does not fit the model it names"),
-    "no optimizer state": (retag(optimizer=None), "cannot be resumed: it has no optimizer"),
-    "no history": (retag(history=None), "cannot be resumed: it has no history"),
+    "no optimizer state": (retag(optimizer=None), r"damaged toolkit checkpoint \(no valid optim"),
+    "no history": (retag(history=None), r"damaged toolkit checkpoint \(no valid history\)"),
 }
 
 
@@ -538,7 +538,7 @@ def test_resume_refuses_a_checkpoint_that_is_not_this_runs(
     run = Path(shutil.copytree(one_epoch_run, tmp_path / "run"))
     tamper(run, trained_run)
     with pytest.raises(ToolkitError, match=message) as info:
-        fit(TrainConfig(model="net"), resume=run)
+        resume_run(run)
     assert "\n" not in str(info.value)
     assert metrics_epochs(run) == [1]  # refused before anything was written
 
@@ -550,7 +550,7 @@ def test_resume_refuses_changed_data(cifar_folder, tmp_path):
     image = next((folder / "train" / "cat").glob("*.png"))
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
     with pytest.raises(ToolkitError, match="has changed since it started"):
-        fit(config, resume=tmp_path / "run")
+        resume_run(tmp_path / "run")
 
 
 def test_resume_repairs_what_a_kill_left_behind(cifar_folder, tmp_path):
@@ -565,7 +565,7 @@ def test_resume_repairs_what_a_kill_left_behind(cifar_folder, tmp_path):
     (run / ".eval.x8d7f6g5.tmp").mkdir()
     (run / ".eval.x8d7f6g5.tmp" / "metrics.json").write_text("{")
 
-    assert fit(config, resume=run).epochs_done == 1
+    assert resume_run(run).epochs_done == 1
     assert (run / "best.pt").read_bytes() == (run / "last.pt").read_bytes()
     assert metrics_epochs(run) == [1] and temp_files(run) == []
     assert_run_folder_intact(run)

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from tests.training import tiny_config
-from toolkit.bench import CUDA, cuda_provider_usable
 from toolkit.data import DataOptions, load_data
-from toolkit.engine import Normalizer, predict_logits
 from toolkit.export import export_run
-from toolkit.runs import build_net, load_checkpoint, read_metrics
-from toolkit.train import fit
+from toolkit.export.bench import CUDA, cuda_provider_usable
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.run.folder import read_metrics
+from toolkit.train.batches import Normalizer
+from toolkit.train.engine import predict_logits
+from toolkit.train.trainer import fit
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,11 +33,11 @@ def _trained(folder, tmp_path, **overrides):
 
 def _assert_plain_fp32_checkpoint(run) -> None:
     """Loadable on the CPU, fp32, no compile/DDP wrapper names."""
-    ckpt = load_checkpoint(run / "last.pt")
-    state = ckpt["state_dict"]
+    ckpt = Checkpoint.load(run / "last.pt")
+    state = ckpt.state_dict
     assert all(t.device.type == "cpu" and t.dtype != torch.bfloat16 for t in state.values())
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in state)
-    build_net(ckpt)
+    ckpt.build_net()
 
 
 def test_auto_precision_trains_on_the_gpu(cifar_folder, tmp_path):
@@ -64,7 +66,7 @@ def test_compile_on_the_gpu_keeps_plain_checkpoints(cifar_folder, tmp_path):
 def test_gpu_and_cpu_predict_alike(trained_run, cifar_folder):
     """The same checkpoint evaluated on both devices: what `evaluate` reports on a GPU is
     what the CPU (and so the ONNX export) gives."""
-    net = build_net(load_checkpoint(trained_run / "best.pt"))
+    net = Checkpoint.load(trained_run / "best.pt").build_net()
     data = load_data(DataOptions(data_dir=str(cifar_folder)))
     logits = {}
     for name in ("cpu", "cuda"):

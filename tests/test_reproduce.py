@@ -15,30 +15,22 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import toolkit.evaluate
-import toolkit.export
-import toolkit.reproduce
-import toolkit.runs
-import toolkit.train
+import toolkit.reproduce.runner
+import toolkit.seams
+import toolkit.train.trainer
 from tests.synthetic import write_split_files
 from toolkit.atomic import atomic_write_json
-from toolkit.bench import Timing
 from toolkit.cli import app
 from toolkit.data import DataOptions
 from toolkit.errors import ToolkitError
-from toolkit.recipes import DEFAULT
-from toolkit.report import first_reaching
-from toolkit.reproduce import (
-    best_epoch,
-    build_plan,
-    check_same_config,
-    execute,
-    plan_lines,
-    reproduce,
-    run_state,
-)
-from toolkit.runs import METRIC_COLUMNS, write_csv_rows
-from toolkit.train import RunResult
+from toolkit.export.bench import Timing
+from toolkit.reproduce import build_plan, plan_lines, reproduce, run_state
+from toolkit.reproduce.plan import check_same_config
+from toolkit.reproduce.report import first_reaching
+from toolkit.run.folder import METRIC_COLUMNS, read_metrics, write_csv_rows
+from toolkit.run.state import best_row
+from toolkit.train.recipes import DEFAULT
+from toolkit.train.trainer import RunResult
 
 runner = CliRunner()
 FAST = Timing(warmup=1, min_runs=2, max_runs=2, budget_s=0.0)
@@ -69,10 +61,15 @@ def invoke(*args):
 
 
 def expected_command(dataset, name, table, recipe, epochs, source_flag, source, out):
+    """Only what differs from the defaults: cifar10, the default recipe, its own epochs."""
     model, flags = table[name]
-    parts = [f"toolkit train {model} --dataset {dataset} --recipe {recipe} --epochs {epochs}"]
+    parts = [f"toolkit train {model}"]
+    parts += [f"--dataset {dataset}"] if dataset != "cifar10" else []
+    parts += [f"{source_flag} {source}"]
+    parts += [f"--recipe {recipe}"] if recipe != "default" else []
+    parts += [f"--epochs {epochs}"]
     parts += [flags] if flags else []
-    parts += [f"{source_flag} {source} --device auto --run-dir {out}/runs/{name}-{recipe}"]
+    parts += [f"--run-dir {out}/runs/{name}-{recipe}"]
     return " ".join(parts)
 
 
@@ -138,7 +135,7 @@ def test_plan_commands_build_exactly_the_planned_config(tmp_path, monkeypatch, d
         asked.append((config, run_dir))
         return RunResult(Path(run_dir), 0.5, 1, 2, 1.0, 10, 10)
 
-    monkeypatch.setattr(toolkit.train, "fit", fake_fit)
+    monkeypatch.setattr(toolkit.train.trainer, "fit", fake_fit)
     for run in plan:
         result = invoke(*shlex.split(run.command())[1:])
         assert result.exit_code == 0, result.output
@@ -172,26 +169,55 @@ def test_best_epoch_and_time_to_reference_are_read_from_the_history():
         {"epoch": 3, "val_acc": 0.65, "seconds": 11.0},
         {"epoch": 4, "val_acc": 0.70, "seconds": 9.0},
     ]
-    assert best_epoch(history) == 4
-    assert best_epoch(history[:3]) == 2  # a tie keeps the first, as fit's best.pt does
+    assert best_row(history)["epoch"] == 4
+    assert best_row(history[:3])["epoch"] == 2  # a tie keeps the first, as fit's best.pt does
     assert first_reaching(history, 0.60) == (2, 22.0)
     assert first_reaching(history, 0.70) == (4, 42.0)
     assert first_reaching(history, 0.71) is None
     assert first_reaching(history, None) is None
 
 
-def test_a_stale_evaluation_counts_as_missing(tmp_path):
-    (run,) = build_plan("cifar10", "seed", tmp_path, epochs=2, only=["net"])
-    rows = [[e, 1.0, 0.5, 1.0, acc, 0.01, 1.0, 100.0] for e, acc in ((1, 0.3), (2, 0.4))]
+def write_run_state(run, val_accs, fingerprint="f" * 40) -> None:
+    """metrics.csv with these val accuracies and the config.json fields run_state reads."""
+    rows = [[e, 1.0, 0.5, 1.0, acc, 0.01, 1.0, 100.0] for e, acc in enumerate(val_accs, 1)]
     write_csv_rows(run.run_dir / "metrics.csv", METRIC_COLUMNS, rows)
+    atomic_write_json(run.run_dir / "config.json", {"dataset_info": {"fingerprint": fingerprint}})
+
+
+def evaluation_of(epoch, fingerprint="f" * 40) -> dict:
+    return {"split": "test", "checkpoint_epoch": epoch, "dataset": {"fingerprint": fingerprint}}
+
+
+def export_of(epoch, fingerprint="f" * 40) -> dict:
+    return {"checkpoint": {"epoch": epoch, "fingerprint": fingerprint}}
+
+
+def test_a_stale_evaluation_or_export_counts_as_missing(tmp_path):
+    (run,) = build_plan("cifar10", "seed", tmp_path, epochs=2, only=["net"])
+    write_run_state(run, [0.3, 0.4])
     assert run_state(run).describe() == "trained; to evaluate and export"
-    atomic_write_json(run.run_dir / "eval" / "metrics.json", {"checkpoint_epoch": 1})
-    atomic_write_json(run.run_dir / "export" / "export-report.json", {"checkpoint": {"epoch": 2}})
+    atomic_write_json(run.run_dir / "eval" / "metrics.json", evaluation_of(1))
+    atomic_write_json(run.run_dir / "export" / "export-report.json", export_of(2))
     state = run_state(run)
     assert (state.trained, state.evaluated, state.exported) == (True, False, True)
     assert state.describe() == "trained; to evaluate"
-    atomic_write_json(run.run_dir / "eval" / "metrics.json", {"checkpoint_epoch": 2})
+    atomic_write_json(run.run_dir / "eval" / "metrics.json", evaluation_of(2))
     assert run_state(run).finished
+    # Of the same epoch but of other data (the files changed and the run was redone).
+    atomic_write_json(run.run_dir / "eval" / "metrics.json", evaluation_of(2, "0" * 40))
+    atomic_write_json(run.run_dir / "export" / "export-report.json", export_of(2, "0" * 40))
+    state = run_state(run)
+    assert (state.evaluated, state.exported) == (False, False)
+
+
+def test_a_run_stuck_at_zero_val_accuracy_is_finished_like_any_other(tmp_path):
+    """fit writes best.pt at epoch 1 when val accuracy never rises; reproduce must read the
+    same epoch from metrics.csv, or it re-evaluates and re-exports that run forever."""
+    (run,) = build_plan("cifar10", "seed", tmp_path, epochs=2, only=["net"])
+    write_run_state(run, [0.0, 0.0])
+    atomic_write_json(run.run_dir / "eval" / "metrics.json", evaluation_of(1))
+    atomic_write_json(run.run_dir / "export" / "export-report.json", export_of(1))
+    assert run_state(run).best_epoch == 1 and run_state(run).finished
 
 
 # --- a real tiny reproduce run ----------------------------------------------------------------
@@ -226,7 +252,7 @@ def test_reproduce_writes_normal_run_folders_and_a_complete_report(cifar_report)
         run, row = out / "runs" / name, results[name]
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
         export = json.loads((run / "export" / "export-report.json").read_text())
-        history = toolkit.runs.read_metrics(run)
+        history = read_metrics(run)
         assert metrics["split"] == "test" and float(row["test_acc"]) == metrics["accuracy"]
         assert int(row["epochs"]) == len(history) == 1
         assert float(row["train_seconds"]) == pytest.approx(sum(r["seconds"] for r in history))
@@ -265,9 +291,8 @@ def test_a_second_call_skips_finished_runs(cifar_report, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was trained, evaluated or exported again")
 
-    monkeypatch.setattr(toolkit.reproduce, "fit", must_not_run)
-    monkeypatch.setattr(toolkit.evaluate, "evaluate_run", must_not_run)
-    monkeypatch.setattr(toolkit.export, "export_run", must_not_run)
+    for step in ("fit", "resume", "evaluate_run", "export_run"):
+        monkeypatch.setattr(toolkit.reproduce.runner, step, must_not_run)
     (root / "out" / "report.md").unlink()
     dry = invoke(*args, "--dry-run")
     assert dry.exit_code == 0 and dry.output.count("(finished)") == 2, dry.output
@@ -279,7 +304,8 @@ def test_a_second_call_skips_finished_runs(cifar_report, monkeypatch):
 
 def test_a_run_trained_with_other_options_is_refused(cifar_report, monkeypatch):
     root, _, args = cifar_report
-    monkeypatch.setattr(toolkit.reproduce, "fit", lambda *a, **k: pytest.fail("trained"))
+    for step in ("fit", "resume"):
+        monkeypatch.setattr(toolkit.reproduce.runner, step, lambda *a, **k: pytest.fail("trained"))
     changed = [("2" if a == 1 else a) for a in args]  # --epochs 2 instead of 1
     dry = invoke(*changed, "--dry-run")
     assert dry.exit_code == 0 and dry.output.count("(refused: ") == 2, dry.output
@@ -293,36 +319,35 @@ def test_stl10_split_files_end_to_end_with_an_interrupted_run_resumed(tmp_path, 
     data = DataOptions(splits=str(splits), data_root=str(tmp_path / "data"))
     out = tmp_path / "out"
     kwargs = dict(epochs=2, device="cpu", only=["lenet5", "lenet5-l2"], timing=FAST)
-    calls, real_epoch = [], toolkit.train.train_one_epoch
+    # lenet5: epochs 1-2, then Ctrl-C at the start of lenet5-l2's epoch 2
+    calls = []
 
-    def interrupt_fourth_epoch(*args, **kw):  # lenet5: epochs 1-2, lenet5-l2: 1, then Ctrl-C
-        calls.append(1)
+    def count_then_interrupt(epoch):
+        calls.append(epoch)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kw)
 
-    monkeypatch.setattr(toolkit.train, "train_one_epoch", interrupt_fourth_epoch)
-    first = reproduce("stl10", "default", out, data, **kwargs)
+    with toolkit.seams.EPOCH_START.installed(count_then_interrupt):
+        first = reproduce("stl10", "default", out, data, **kwargs)
     assert (first.trained, first.interrupted) == (["lenet5-default"], "lenet5-l2-default")
     assert list(read_results(out)) == ["lenet5-default"]
     assert "lenet5-l2-default: interrupted at 1/2 epochs" in (out / "report.md").read_text()
 
-    monkeypatch.setattr(toolkit.train, "train_one_epoch", real_epoch)
-    fits, real_fit = [], toolkit.reproduce.fit
+    resumed_runs, real_resume = [], toolkit.reproduce.runner.resume
 
-    def spy_fit(config, **kw):
-        fits.append(kw.get("resume"))
-        return real_fit(config, **kw)
+    def spy_resume(run_dir, **kw):
+        resumed_runs.append(run_dir)
+        return real_resume(run_dir, **kw)
 
-    monkeypatch.setattr(toolkit.reproduce, "fit", spy_fit)
+    monkeypatch.setattr(toolkit.reproduce.runner, "resume", spy_resume)
     second = reproduce("stl10", "default", out, data, **kwargs)
     assert (second.skipped, second.resumed, second.interrupted) == (
         ["lenet5-default"],
         ["lenet5-l2-default"],
         None,
     )
-    assert fits == [out / "runs" / "lenet5-l2-default"]  # continued, not restarted
-    resumed = toolkit.runs.read_metrics(out / "runs" / "lenet5-l2-default")
+    assert resumed_runs == [out / "runs" / "lenet5-l2-default"]  # continued, not restarted
+    resumed = read_metrics(out / "runs" / "lenet5-l2-default")
     assert [r["epoch"] for r in resumed] == [1, 2]
     results = read_results(out)
     assert [results[n]["reference_acc"] for n in results] == ["0.4833", "0.4861"]
@@ -337,21 +362,6 @@ def test_plan_lines_show_the_state_of_each_run(tmp_path):
     lines = plan_lines(plan)
     assert lines[0].startswith("# [1/1] lenet5-seed: lenet5, seed recipe, 2 epochs")
     assert lines[0].endswith("(new)") and lines[1].startswith("toolkit train lenet5 ")
-
-
-def test_execute_refuses_a_run_without_best_checkpoint(tmp_path, monkeypatch):
-    """fit writes no best.pt when val accuracy never rises above 0: say so, plainly."""
-    plan = build_plan("cifar10", "seed", tmp_path, epochs=1, only=["net"])
-
-    def fit_without_best(config, run_dir=None, **kwargs):
-        rows = [[1, 2.3, 0.1, 2.3, 0.0, 0.01, 1.0, 100.0]]
-        write_csv_rows(Path(run_dir) / "metrics.csv", METRIC_COLUMNS, rows)
-        return RunResult(Path(run_dir), 0.0, 0, 1, 1.0, 10, 0)
-
-    monkeypatch.setattr(toolkit.reproduce, "fit", fit_without_best)
-    monkeypatch.setattr(toolkit.reproduce._Data, "get", lambda self, config: None)
-    with pytest.raises(ToolkitError, match="val accuracy stayed at 0 in every epoch"):
-        execute(plan, tmp_path)
 
 
 def test_a_run_folder_from_before_a_data_option_existed_still_matches(tmp_path):

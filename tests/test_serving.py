@@ -20,7 +20,8 @@ from PIL import Image
 
 from serving.catalog import Catalog, load_catalog
 from serving.classifier import ArtifactError, OnnxClassifier, default_providers
-from serving.images import MAX_PIXELS, ImageError, open_upload, prepare
+from serving.preprocess import prepare
+from serving.uploads import MAX_PIXELS, ImageError, open_upload
 from tests.served import EXAMPLES_PER_CLASS, png_claiming, truncated
 from tests.synthetic import STL10_CLASSES
 
@@ -57,7 +58,7 @@ def _exif_rotated_jpeg(path: Path) -> None:
 
 
 def _write_variants(folder: Path) -> dict[str, Path]:
-    """One file per awkward case toolkit.images and serving.images must agree on."""
+    """One file per awkward case the training and upload decode paths must agree on."""
     folder.mkdir(parents=True, exist_ok=True)
     rgb = _noise((48, 48))
     rgba = np.dstack([rgb, np.tile(np.linspace(0, 255, 48, dtype=np.uint8), (48, 1))])
@@ -111,12 +112,14 @@ def test_serving_never_imports_torch_or_toolkit():
     assert done.stdout.strip() == "[]"
 
 
-# --- preprocessing parity with toolkit/images.py ----------------------------------------------
+# --- preprocessing parity: training's decode path and the upload's --------------------------
 
 
 @pytest.mark.parametrize("size", [32, 20])
 def test_preprocessing_matches_toolkit_on_awkward_images(tmp_path, size):
-    from toolkit.images import load_image
+    """Both prepare with serving.preprocess, but open the file their own way (training with
+    load_image, an upload with open_upload's format allow-list and checks)."""
+    from toolkit.data.decode import load_image
 
     for name, path in _write_variants(tmp_path).items():
         expected = load_image(path, size)
@@ -211,15 +214,15 @@ def test_classifier_agrees_with_toolkit_evaluation(served_artifacts, dataset):
     import torch
 
     from toolkit.data import DataOptions, load_data
-    from toolkit.listing import label_base, parse_split_file, scan_image_folder, split_listing
-    from toolkit.runs import build_classifier, load_checkpoint
+    from toolkit.data.listing import label_base, parse_split_file, scan_image_folder, split_listing
+    from toolkit.run.checkpoint import Checkpoint
 
     folder = served_artifacts / f"{dataset}-net"
     run = Path(json.loads((folder / "export-report.json").read_text())["run"])
     config = json.loads((run / "config.json").read_text())
     data = load_data(DataOptions(**config["data"]), seed=config.get("seed", 0))
     with torch.no_grad():
-        net = build_classifier(load_checkpoint(run / "best.pt"))
+        net = Checkpoint.load(run / "best.pt").build_classifier()
         expected = net(data.test.images.float() / 255).softmax(1).numpy()
     source = Path(config["data"]["data_dir"] or config["data"]["splits"])
     if dataset == "cifar10":

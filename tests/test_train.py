@@ -6,12 +6,18 @@ import pytest
 import torch
 
 from tests.training import fit_interrupted_in_second_epoch, tiny_config
-from toolkit import recipes
 from toolkit.data import DataOptions, Split, load_data
-from toolkit.engine import Normalizer, random_crop_flip
 from toolkit.errors import ToolkitError
-from toolkit.runs import build_net, load_checkpoint, read_metrics
-from toolkit.train import TrainConfig, fit, lr_factor
+from toolkit.models import MODELS
+from toolkit.options import declared
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.run.folder import read_metrics
+from toolkit.run.state import best_row
+from toolkit.train import recipes
+from toolkit.train.batches import BatchAugment, Normalizer
+from toolkit.train.config import TrainConfig
+from toolkit.train.optim import lr_factor
+from toolkit.train.trainer import fit, resume
 
 
 def test_run_folder_has_everything(trained_run):
@@ -30,14 +36,22 @@ def test_run_folder_has_everything(trained_run):
 
 def test_checkpoint_rebuilds_the_model_with_weights_only(trained_run):
     raw = torch.load(trained_run / "best.pt", weights_only=True)  # no pickle code execution
-    ckpt = load_checkpoint(trained_run / "best.pt")
-    assert raw["epoch"] == ckpt["best_epoch"]
-    net = build_net(ckpt)
+    ckpt = Checkpoint.load(trained_run / "best.pt")
+    assert raw["epoch"] == ckpt.best_epoch == ckpt.epoch
+    net = ckpt.build_net()
     bundle = load_data(DataOptions(**json.loads((trained_run / "config.json").read_text())["data"]))
-    normalize = Normalizer(ckpt["dataset"]["mean"], ckpt["dataset"]["std"], torch.device("cpu"))
+    normalize = Normalizer(ckpt.dataset["mean"], ckpt.dataset["std"], torch.device("cpu"))
     with torch.no_grad():
         acc = (net(normalize(bundle.val.images)).argmax(1) == bundle.val.labels).float().mean()
-    assert acc.item() == pytest.approx(ckpt["best_val_acc"])
+    assert acc.item() == pytest.approx(ckpt.best_val_acc)
+
+
+def test_a_checkpoint_round_trips_through_its_bytes(trained_run, tmp_path):
+    ckpt = Checkpoint.load(trained_run / "last.pt")
+    (tmp_path / "copy.pt").write_bytes(ckpt.to_bytes())
+    again = Checkpoint.load(tmp_path / "copy.pt")
+    assert again.history == ckpt.history and again.config == ckpt.config
+    assert all(torch.equal(again.state_dict[k], v) for k, v in ckpt.state_dict.items())
 
 
 def test_resume_is_exact(cifar_folder, tmp_path):
@@ -46,15 +60,14 @@ def test_resume_is_exact(cifar_folder, tmp_path):
         cifar_folder, tmp_path, epochs=2, augment=True, model_options={"dropout": 0.2}
     )
     straight = fit(config, run_dir=tmp_path / "straight").run_dir
-    first = fit_interrupted_in_second_epoch(config, tmp_path / "resumed")
-    assert first.interrupted and first.epochs_done == 1
-    resumed = fit(TrainConfig(model="net"), resume=tmp_path / "resumed")
+    fit_interrupted_in_second_epoch(config, tmp_path / "resumed")
+    resumed = resume(tmp_path / "resumed")
     assert resumed.epochs_done == 2
 
-    a = load_checkpoint(straight / "last.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
-    for key, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][key]), key
+    a = Checkpoint.load(straight / "last.pt")
+    b = Checkpoint.load(tmp_path / "resumed" / "last.pt")
+    for key, tensor in a.state_dict.items():
+        assert torch.equal(tensor, b.state_dict[key]), key
     assert (
         read_metrics(straight)[1]["train_loss"]
         == read_metrics(tmp_path / "resumed")[1]["train_loss"]
@@ -64,7 +77,24 @@ def test_resume_is_exact(cifar_folder, tmp_path):
 def test_best_checkpoint_is_the_best_val_epoch(trained_run):
     rows = read_metrics(trained_run)
     best = max(rows, key=lambda r: r["val_acc"])
-    assert load_checkpoint(trained_run / "best.pt")["epoch"] == best["epoch"]
+    assert Checkpoint.load(trained_run / "best.pt").epoch == best["epoch"]
+
+
+def test_the_best_epoch_is_the_first_with_the_highest_val_accuracy():
+    """One rule for fit (which epoch best.pt holds) and reproduce (reading metrics.csv): a
+    run stuck at 0 % still has a best epoch, its first, so its best.pt is evaluated."""
+    rows = [{"epoch": e, "val_acc": acc} for e, acc in [(1, 0.0), (2, 0.0), (3, 0.0)]]
+    assert best_row(rows)["epoch"] == 1
+    rows += [{"epoch": 4, "val_acc": 0.5}, {"epoch": 5, "val_acc": 0.5}]
+    assert best_row(rows)["epoch"] == 4
+    assert best_row([]) is None
+
+
+def test_every_recipe_sets_exactly_the_fields_declared_as_recipe_options():
+    expected = {o.name for o in declared(TrainConfig) if o.flag.recipe}
+    for recipe in recipes.RECIPES:
+        for model in MODELS:
+            assert set(recipes.resolve(recipe, model, {})) == expected, (recipe, model)
 
 
 def test_divergence_names_the_epoch_and_last_good_checkpoint(cifar_folder, tmp_path):
@@ -102,13 +132,15 @@ def test_explicit_flags_override_the_recipe_and_bad_values_are_refused():
 
 
 def test_step_schedule_halves_every_step_size_epochs():
-    config = TrainConfig(model="lenet5", schedule="step", step_size=20, gamma=0.5, epochs=100)
+    config = TrainConfig.from_recipe(
+        "lenet5", DataOptions(), schedule="step", step_size=20, gamma=0.5, epochs=100
+    )
     factor = lr_factor(config, steps_per_epoch=10)
     assert [factor(e * 10) for e in (0, 19, 20, 40, 99)] == [1, 1, 0.5, 0.25, 0.5**4]
 
 
 def test_onecycle_warms_up_then_anneals_to_zero():
-    config = TrainConfig(model="net", schedule="onecycle", epochs=4)
+    config = TrainConfig.from_recipe("net", DataOptions(), schedule="onecycle", epochs=4)
     factor = lr_factor(config, steps_per_epoch=25)
     values = [factor(s) for s in range(100)]
     assert values.index(max(values)) == 25 and max(values) == 1.0
@@ -118,7 +150,12 @@ def test_onecycle_warms_up_then_anneals_to_zero():
 def test_batch_augmentation_crops_and_flips_but_keeps_content():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     generator = torch.Generator().manual_seed(0)
-    out = random_crop_flip(images, generator)
+
+    def random_crop_flip(batch):
+        params = BatchAugment.draw(len(batch), batch.shape[-2:], generator, True, 0)
+        return params.apply(batch)
+
+    out = random_crop_flip(images)
     assert out.shape == images.shape
     # every output row is a (possibly flipped) window of the reflect-padded input row
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
@@ -129,7 +166,7 @@ def test_batch_augmentation_crops_and_flips_but_keeps_content():
     # over many draws both flips and several offsets happen
     flips, shifts = set(), set()
     for _ in range(40):
-        one = random_crop_flip(images[:1], generator)[0, 0]
+        one = random_crop_flip(images[:1])[0, 0]
         flips.add(bool(one[0, 0] > one[0, -1]))
         shifts.add(float(one.mean()))
     assert flips == {True, False} and len(shifts) > 5

@@ -12,44 +12,41 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import toolkit.train
+from toolkit import seams
 from toolkit.data import DataOptions
-from toolkit.runs import METRIC_COLUMNS, load_checkpoint, read_metrics
-from toolkit.train import RunResult, TrainConfig, fit
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.run.folder import METRIC_COLUMNS, read_metrics
+from toolkit.train.config import TrainConfig
+from toolkit.train.trainer import RunResult, fit
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(folder: Path, data_root: Path, **overrides) -> TrainConfig:
-    """`net` on a synthetic image folder, 2 epochs of batch 32 on the CPU, unless overridden."""
-    values = dict(
-        model="net",
-        data=DataOptions(data_dir=str(folder), data_root=str(data_root)),
-        epochs=2,
-        batch_size=32,
-        lr=0.05,
-        device="cpu",
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+def tiny_config(folder: Path, data_root: Path, model: str = "net", **flags) -> TrainConfig:
+    """`net` on a synthetic image folder, 2 epochs of batch 32 on the CPU, unless overridden
+    (`flags` as TrainConfig.from_recipe takes them)."""
+    values = dict(epochs=2, batch_size=32, lr=0.05, device="cpu")
+    values.update(flags)
+    data = DataOptions(data_dir=str(folder), data_root=str(data_root))
+    return TrainConfig.from_recipe(model, data, **values)
+
+
+def interrupt_at_epoch(epoch: int):
+    """A Ctrl-C at the start of `epoch`, as a user pressing it would (a seams hook)."""
+
+    def hook(**context):
+        if context["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    return seams.EPOCH_START.installed(hook)
 
 
 def fit_interrupted_in_second_epoch(config: TrainConfig, run_dir: Path) -> RunResult:
-    """Train until Ctrl-C arrives at the start of epoch 2, as a user pressing it would."""
-    calls = {"n": 0}
-    real_epoch = toolkit.train.train_one_epoch
-
-    def interrupt_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    toolkit.train.train_one_epoch = interrupt_second_epoch
-    try:
-        return fit(config, run_dir=run_dir)
-    finally:
-        toolkit.train.train_one_epoch = real_epoch
+    """Train until Ctrl-C arrives at the start of epoch 2."""
+    with interrupt_at_epoch(2):
+        result = fit(config, run_dir=run_dir)
+    assert result.interrupted and result.epochs_done == 1
+    return result
 
 
 # --- a real `toolkit` process, paused at an exact moment and killed with SIGKILL --------------
@@ -57,20 +54,19 @@ def fit_interrupted_in_second_epoch(config: TrainConfig, run_dir: Path) -> RunRe
 
 def pause_at_commit(marker: Path, name: str, nth: int = 1) -> str:
     """Child code: at the `nth` atomic write of a file called `name`, once its temporary is
-    complete but before the rename (toolkit.atomic._commit), write the temporary's path to
+    complete but before the rename (the BEFORE_RENAME seam), write the temporary's path to
     `marker` and sleep until killed."""
     return f"""
 import pathlib, time
-import toolkit.atomic as _runs
-_real_commit, _seen = _runs._commit, [0]
-def _paused_commit(tmp, path):
-    if pathlib.Path(path).name == {name!r}:
+from toolkit import seams
+_seen = [0]
+def _pause(tmp, path):
+    if path.name == {name!r}:
         _seen[0] += 1
         if _seen[0] == {nth}:
             pathlib.Path({str(marker)!r}).write_text(str(tmp))
             time.sleep(600)
-    _real_commit(tmp, path)
-_runs._commit = _paused_commit
+seams.BEFORE_RENAME.hook = _pause
 """
 
 
@@ -79,20 +75,16 @@ def pause_in_epoch(marker: Path, epoch: int, step: int) -> str:
     steps of that epoch, write "epoch E step S" to `marker` and sleep until killed."""
     return f"""
 import pathlib, time
-import toolkit.engine as _engine, toolkit.train as _train
-_at = [0, 0]
-_real_epoch, _real_inputs = _train.train_one_epoch, _engine._rank_inputs
-def _counting_epoch(*args, **kwargs):
-    _at[0], _at[1] = _at[0] + 1, 0
-    return _real_epoch(*args, **kwargs)
-def _pausing_inputs(*args, **kwargs):
-    _at[1] += 1
-    if _at == [{epoch}, {step}]:
+from toolkit import seams
+_epoch = [0]
+def _count(epoch):
+    _epoch[0] = epoch
+def _pause(step, images):
+    if (_epoch[0], step) == ({epoch}, {step}):
         pathlib.Path({str(marker)!r}).write_text("epoch {epoch} step {step}")
         time.sleep(600)
-    return _real_inputs(*args, **kwargs)
-_train.train_one_epoch = _counting_epoch
-_engine._rank_inputs = _pausing_inputs
+seams.EPOCH_START.hook = _count
+seams.TRAIN_BATCH.hook = _pause
 """
 
 
@@ -144,7 +136,7 @@ def metrics_epochs(run: Path) -> list[int]:
 
 def assert_run_folder_intact(run: Path) -> dict:
     """Nothing in the run folder is half written: every JSON parses, metrics.csv has its
-    columns and one row per epoch from 1, and every checkpoint loads. Returns last.pt."""
+    columns and one row per epoch from 1, and every checkpoint loads. Returns last.pt's."""
     for path in run.rglob("*.json"):
         json.loads(path.read_text())
     if (run / "metrics.csv").exists():
@@ -153,8 +145,8 @@ def assert_run_folder_intact(run: Path) -> dict:
         epochs = metrics_epochs(run)
         assert epochs == list(range(1, len(epochs) + 1)), epochs
     for path in run.glob("*.pt"):
-        load_checkpoint(path)
-    return load_checkpoint(run / "last.pt")
+        Checkpoint.load(path)
+    return Checkpoint.load(run / "last.pt")
 
 
 def temp_files(run: Path) -> list[Path]:

@@ -1,3 +1,8 @@
-"""Train, honestly evaluate, export to ONNX and serve small image classifiers."""
+"""Train, honestly evaluate, export to ONNX and serve small image classifiers.
 
-__version__ = "0.1.0"
+The flow, one package each: data ─► train ─► run (folder) ─► evaluate ─► export ─► serving.
+"""
+
+from toolkit.version import __version__
+
+__all__ = ["__version__"]

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from toolkit import seams
 from toolkit.errors import ToolkitError
 
 # Every temporary name ends with this and starts with a dot: `.last.pt.k3j2x9.tmp`. Nothing
@@ -57,8 +58,9 @@ def _readable_mode(base: int = 0o666) -> int:
 def _fill_temp(fd: int, tmp: str, write: Callable[[BinaryIO], None]) -> None:
     """Write the temporary file through `write`, then make it readable and durable.
 
-    The step a full disk fails (in write, flush or fsync); tests replace it to simulate that.
+    The step a full disk fails (in write, flush or fsync); the FILL_TEMP seam simulates that.
     """
+    seams.FILL_TEMP(fd=fd, tmp=tmp, write=write)
     with os.fdopen(fd, "wb") as f:
         write(f)
         f.flush()
@@ -69,8 +71,10 @@ def _fill_temp(fd: int, tmp: str, write: Callable[[BinaryIO], None]) -> None:
 def _commit(tmp: str | Path, path: Path) -> None:
     """Rename the finished temporary over `path`: the one atomic step of every write.
 
-    Tests pause here to SIGKILL a writer between a complete temporary and its rename.
+    Tests pause here (the BEFORE_RENAME seam) to SIGKILL a writer between a complete
+    temporary and its rename.
     """
+    seams.BEFORE_RENAME(tmp=Path(tmp), path=Path(path))
     os.replace(tmp, path)
     _fsync_folder(Path(path).parent)
 

@@ -6,6 +6,7 @@ Errors a user can cause arrive as ToolkitError and leave as one red line with ex
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from toolkit.data.specs import DataOptions
 from toolkit.errors import ToolkitError
+from toolkit.options import Declared, declared
+from toolkit.train.config import ModelOptions, TrainConfig
 
 app = typer.Typer(
     help="Train, honestly evaluate, export to ONNX and serve small image classifiers.",
@@ -126,103 +130,65 @@ def models_cmd(
     console.print(_table(f"models ({num_classes} classes, {image_size}x{image_size})", rows))
 
 
-# --- train -----------------------------------------------------------------------------------
-
-DATA_DIR_HELP = "Image folder with train/ and test/ (optional val/), one sub-folder per class."
-SPLITS_HELP = "Folder with train.txt, test.txt (optional val.txt): lines 'relative/path label'."
-DATA_ROOT_HELP = (
-    "Where downloads and decoded caches live (default: $TOOLKIT_DATA or ~/.cache/toolkit)."
-)
-BAD_FILES_HELP = (
-    "Unreadable images, non-image files in class folders and unusable split-file lines: "
-    "fail (list them all and stop) or skip (leave them out; the run records which)."
-)
+# --- options derived from their declarations --------------------------------------------------
 
 
-def _abs(path: Path | None) -> str | None:
-    return str(path.resolve()) if path is not None else None
-
-
-def _data_options(
-    dataset: str,
-    data_dir: Path | None,
-    splits: Path | None,
-    data_root: Path | None,
-    image_size: int | None,
-    download: bool,
-    val_fraction: float = 0.1,
-    bad_files: str = "fail",
-):
-    """DataOptions with absolute paths, so a run (or resume) works from any folder."""
-    from toolkit.data import DataOptions
-
-    return DataOptions(
-        dataset=dataset,
-        data_dir=_abs(data_dir),
-        splits=_abs(splits),
-        data_root=_abs(data_root),
-        image_size=image_size,
-        val_fraction=val_fraction,
-        download=download,
-        bad_files=bad_files,
+def _typer_parameter(opt: Declared, recipe_default: bool = False) -> inspect.Parameter:
+    """One declared option as a Typer parameter: its flag, type, default and help."""
+    negatable = f"{opt.spelling}/--no-{opt.spelling[2:]}"
+    decls = [negatable] if opt.type is bool else [opt.spelling]
+    default = None if recipe_default else opt.default
+    help_text = opt.flag.help + (" (default: the recipe's)" if recipe_default else "")
+    return inspect.Parameter(
+        opt.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(default, *decls, help=help_text, show_default=not recipe_default),
+        annotation=Path if opt.flag.path else opt.type,
     )
+
+
+def with_declared_options(*groups: list[Declared]):
+    """Give a command taking `**flags` a Typer parameter per declared option, after its own
+    parameters: Typer reads the function's signature, so no flag is listed by hand."""
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+        extra = [_typer_parameter(o, o.flag.recipe) for group in groups for o in group]
+        fn.__signature__ = inspect.Signature([*own, *extra])
+        return fn
+
+    return decorate
+
+
+def _values(options: list[Declared], flags: dict) -> dict:
+    """The given values of `options`; paths made absolute so a run works from any folder."""
+    out = {}
+    for opt in options:
+        value = flags[opt.name]
+        out[opt.name] = str(Path(value).resolve()) if opt.flag.path and value else value
+    return out
+
+
+# --- train -----------------------------------------------------------------------------------
 
 
 @app.command("train")
 @friendly_errors
+@with_declared_options(declared(DataOptions), declared(TrainConfig), declared(ModelOptions))
 def train_cmd(
     ctx: typer.Context,
     model: str = typer.Argument(None, help="Model name (see `toolkit models`)."),
-    dataset: str = typer.Option("cifar10", help="cifar10 or stl10."),
-    data_dir: Path = typer.Option(None, help=DATA_DIR_HELP),
-    splits: Path = typer.Option(None, help=SPLITS_HELP),
-    data_root: Path = typer.Option(None, help=DATA_ROOT_HELP),
-    download: bool = typer.Option(True, help="Download the official files when missing."),
-    image_size: int = typer.Option(
-        None, help="Train at this size (STL-10: 32 default, 96 native)."
-    ),
-    val_fraction: float = typer.Option(0.1, help="Stratified share of train held out as val."),
-    bad_files: str = typer.Option("fail", help=BAD_FILES_HELP),
-    recipe: str = typer.Option("default", help="default (modern, fast) or seed (the reference)."),
-    epochs: int = typer.Option(None),
-    batch_size: int = typer.Option(None),
-    optimizer: str = typer.Option(None, help="sgd, adam or adamw."),
-    lr: float = typer.Option(None, help="(Peak) learning rate."),
-    momentum: float = typer.Option(None),
-    l2: float = typer.Option(None, help="Weight decay (what the reference calls L2)."),
-    schedule: str = typer.Option(None, help="none, step, cosine, onecycle or linear."),
-    warmup_epochs: float = typer.Option(None, help="Linear warm-up (cosine, linear schedules)."),
-    augment: bool = typer.Option(None, "--augment/--no-augment", help="Batch crop + flip."),
-    cutout: int = typer.Option(None, help="Zero a random NxN square per image (0: off)."),
-    label_smoothing: float = typer.Option(None),
-    grad_clip: float = typer.Option(None, help="Clip the gradient norm (0: off)."),
-    on_nan: str = typer.Option(
-        "stop",
-        help="A non-finite loss: stop (naming the last good checkpoint) or skip the batch "
-        "(no step; skipped batches are logged; an epoch with no good batch stops).",
-    ),
-    dropout: float = typer.Option(None, help="Dropout probability, where the model has it."),
-    batch_norm: bool = typer.Option(False, "--batch-norm", help="Add BatchNorm (per model)."),
-    width: int = typer.Option(None, help="First-stage channels, where the model has it."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    amp: str = typer.Option(
-        "auto",
-        help="auto (bf16 where the GPU or CPU has it natively, else fp16 on a GPU and off on "
-        "a CPU), off, bf16 or fp16 autocast.",
-    ),
-    compile_model: bool = typer.Option(
-        False, "--compile/--no-compile", help="torch.compile the model (first epoch compiles)."
-    ),
     run_dir: Path = typer.Option(None, help="Run folder (default runs/<dataset>-<model>-<time>)."),
     resume: Path = typer.Option(None, help="Continue the run in this folder exactly."),
+    **flags,
 ):
     """Train MODEL into a run folder (config, metrics, TensorBoard, best.pt, last.pt)."""
-    from toolkit.train import TrainConfig, fit
+    from toolkit.train.trainer import fit
+    from toolkit.train.trainer import resume as resume_run
 
     if resume is not None:
         _refuse_options_besides(ctx, "resume", why="--resume continues a run with its own options")
-        result = fit(TrainConfig(model="net"), resume=resume)  # the config comes from last.pt
+        result = resume_run(resume)
     else:
         if model is None:
             raise ToolkitError(
@@ -230,30 +196,9 @@ def train_cmd(
             )
         config = TrainConfig.from_recipe(
             model,
-            recipe,
-            _data_options(
-                dataset, data_dir, splits, data_root, image_size, download, val_fraction, bad_files
-            ),
-            model_options=dict(dropout=dropout, batch_norm=batch_norm, width=width),
-            overrides=dict(
-                epochs=epochs,
-                batch_size=batch_size,
-                optimizer=optimizer,
-                lr=lr,
-                momentum=momentum,
-                l2=l2,
-                schedule=schedule,
-                augment=augment,
-                label_smoothing=label_smoothing,
-                grad_clip=grad_clip,
-                warmup_epochs=warmup_epochs,
-                cutout=cutout,
-                seed=seed,
-            ),
-            device=device,
-            amp=amp,
-            compile=compile_model,
-            on_nan=on_nan,
+            DataOptions(**_values(declared(DataOptions), flags)),
+            model_options=_values(declared(ModelOptions), flags),
+            **_values(declared(TrainConfig), flags),
         )
         result = fit(config, run_dir=run_dir)
     if not result.is_main:  # under torchrun only rank 0 reports
@@ -273,7 +218,9 @@ def train_cmd(
         )
     )
     if result.interrupted:
-        console.print(f"interrupted; continue with: toolkit train --resume {result.run_dir}")
+        console.print(
+            f"interrupted; continue with: toolkit train --resume {result.run_dir}", soft_wrap=True
+        )
         raise typer.Exit(130)
     console.print(f"next: toolkit evaluate {result.run_dir}", soft_wrap=True)
 
@@ -290,7 +237,7 @@ def evaluate_cmd(
 ):
     """Evaluate RUN/best.pt: report, confusion matrix, failure gallery, curves -> RUN/eval/."""
     from toolkit.evaluate import evaluate_run
-    from toolkit.runs import resolve_run
+    from toolkit.run.folder import resolve_run
 
     summary = evaluate_run(resolve_run(run), split=split, device=device)
     console.print(
@@ -327,31 +274,24 @@ def compare_cmd(
 
 @app.command("reproduce")
 @friendly_errors
+@with_declared_options(declared(DataOptions))
 def reproduce_cmd(
-    dataset: str = typer.Option("cifar10", help="cifar10 or stl10."),
     recipe: str = typer.Option("both", help="seed, default or both (both: time-to-reference)."),
     epochs: int = typer.Option(None, help="Epochs of every run (default: each recipe's own)."),
     out: Path = typer.Option(None, help="Report folder (default reports/<dataset>)."),
     only: list[str] = typer.Option(None, help="Only these experiments (repeat the option)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, train nothing."),
-    data_dir: Path = typer.Option(None, help=DATA_DIR_HELP),
-    splits: Path = typer.Option(None, help=SPLITS_HELP),
-    data_root: Path = typer.Option(None, help=DATA_ROOT_HELP),
-    download: bool = typer.Option(True, help="Download the official files when missing."),
-    image_size: int = typer.Option(None, help="Train at this size (STL-10: 32 default)."),
-    bad_files: str = typer.Option("fail", help=BAD_FILES_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    **flags,
 ):
     """Every seed experiment of DATASET: train, evaluate, export, then OUT/report.md."""
     import csv
 
     from toolkit.reproduce import build_plan, execute, plan_lines
 
-    data = _data_options(
-        dataset, data_dir, splits, data_root, image_size, download, bad_files=bad_files
-    )
-    out = out or Path("reports") / dataset
-    plan = build_plan(dataset, recipe, out, data, epochs=epochs, device=device, only=only)
+    data = DataOptions(**_values(declared(DataOptions), flags))
+    out = out or Path("reports") / data.dataset
+    plan = build_plan(data.dataset, recipe, out, data, epochs=epochs, device=device, only=only)
     if dry_run:
         for line in plan_lines(plan):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -387,7 +327,7 @@ def export_cmd(
 ):
     """Export RUN/best.pt to ONNX, verify parity on the test split, measure size and latency."""
     from toolkit.export import export_run, print_report
-    from toolkit.runs import resolve_run
+    from toolkit.run.folder import resolve_run
 
     report = export_run(
         resolve_run(run), out_dir=out, int8=int8, fp16=fp16, triton_dir=triton, opset=opset
@@ -412,8 +352,8 @@ def package_cmd(
     name: str = typer.Option(None, help="Folder name (default <dataset>-<model>)."),
 ):
     """Copy a run's ONNX model, card and known failures into the artifacts the app serves."""
-    from toolkit.package import package_run
-    from toolkit.runs import resolve_run
+    from toolkit.export import package_run
+    from toolkit.run.folder import resolve_run
 
     target = package_run(resolve_run(run), artifacts, name)
     console.print(f"packaged into {target}; serve with: toolkit serve --artifacts {artifacts}")
@@ -422,24 +362,17 @@ def package_cmd(
 # --- serve -----------------------------------------------------------------------------------
 
 
-@app.command("serve")
-@friendly_errors
-def serve_cmd(
-    artifacts: Path = typer.Option(Path("artifacts"), help="Folder of exported models."),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0: every one)."),
-    port: int = typer.Option(7860),
-    auth: str = typer.Option(None, help="user:password (or $TOOLKIT_AUTH)."),
-    share: bool = typer.Option(False, "--share", help="Ask Gradio for a public share link."),
-    max_upload_mb: float = typer.Option(10.0, help="Largest accepted upload in MB."),
-):
-    """Serve the exported models in a Gradio web app (onnxruntime, no torch)."""
+@app.command(
+    "serve",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def serve_cmd(ctx: typer.Context):
+    """Serve the exported models in a Gradio web app (onnxruntime, no torch); see --help."""
     from serving.app import main as serve_main
 
-    argv = ["--artifacts", str(artifacts), "--host", host, "--port", str(port)]
-    argv += ["--auth", auth] if auth else []
-    argv += ["--share"] if share else []
-    argv += ["--max-upload-mb", str(max_upload_mb)]
-    serve_main(argv)
+    # The server declares its own options (serving/app.py, also `python -m serving.app`).
+    serve_main(ctx.args, prog="toolkit serve")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,8 +22,6 @@ from torch import nn
 
 from toolkit.errors import ToolkitError
 
-ALL_OPTIONS = ("dropout", "batch_norm", "width")
-
 
 @dataclass(frozen=True)
 class ModelEntry:

@@ -34,9 +34,14 @@ class _Bar:
 
 
 @contextmanager
-def progress_bar(total: int, description: str, status: str = "") -> Iterator[_Bar]:
-    """A rich progress bar with a free-form `status` field (loss, acc, img/s...)."""
-    if not progress_enabled():
+def progress_bar(
+    total: int, description: str, status: str = "", enabled: bool = True
+) -> Iterator[_Bar]:
+    """A rich progress bar with a free-form `status` field (loss, acc, img/s...).
+
+    `enabled=False` (a torchrun rank other than 0) and TOOLKIT_PROGRESS=0 show nothing.
+    """
+    if not (enabled and progress_enabled()):
         yield _Bar(None, None)
         return
     columns = [

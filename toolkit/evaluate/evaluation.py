@@ -1,0 +1,172 @@
+"""Honest evaluation of a run's own best checkpoint.
+
+    RUN/best.pt + the run's data (same files, same val carve) --> RUN/eval/ (RUN/eval-val/)
+
+The split is named explicitly (test by default), the checkpoint is always the run's best.pt
+(chosen on val during training), and the data must be the data that checkpoint was trained
+on (toolkit.run.state's policy), so a report can never describe another model or other
+images than it claims to.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from toolkit.atomic import (
+    atomic_folder,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temp,
+)
+from toolkit.data import DataBundle, Split
+from toolkit.errors import ToolkitError
+from toolkit.evaluate import plots
+from toolkit.evaluate.metrics import compute_metrics, select_failures
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.run.folder import read_metrics, write_csv_rows
+from toolkit.run.state import EVAL_DIRS, EVAL_RECORD, check_run_data, load_run_data
+from toolkit.train.batches import Normalizer
+from toolkit.train.engine import pick_device, predict_logits
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_run(
+    run_dir: Path, split: str = "test", device: str = "auto", data: DataBundle | None = None
+) -> dict:
+    """Evaluate RUN/best.pt on `split` ("test" or "val") of the run's own data.
+
+    Writes RUN/eval/ (RUN/eval-val/ for val): metrics.json, the classification report, the
+    confusion matrix (CSV + PNG), per_class.csv, the failure gallery and curves.png. Returns
+    a summary: split, run, n, accuracy, loss, macro_f1, checkpoint_epoch, eval_dir.
+    `data` is the run's data when the caller has it loaded already (it is checked).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ToolkitError(f"run folder '{run_dir}' does not exist")
+    if split not in EVAL_DIRS:  # before the (possibly slow) data load
+        raise ToolkitError(f"unknown split '{split}'; choose one of: {', '.join(EVAL_DIRS)}")
+    # Never last.pt: the report must describe the checkpoint that was chosen on val.
+    ckpt = Checkpoint.load(run_dir / "best.pt")
+    if data is None:
+        data = load_run_data(run_dir, ckpt)
+    else:
+        check_run_data(run_dir, ckpt, data)
+    chosen = _pick_split(data, split, run_dir)
+    log.info("evaluating %s (epoch %d) on %s", run_dir / "best.pt", ckpt.epoch, split)
+    logits = _predict(ckpt, chosen, device)
+    metrics = compute_metrics(chosen.labels, logits, ckpt.dataset["classes"])
+
+    out = run_dir / EVAL_DIRS[split]
+    # A killed evaluation's staging folder; two evaluations of one split at once are not
+    # supported (the later rename would win anyway).
+    remove_stale_temp(run_dir, out.name)
+    # Written into a fresh hidden folder that replaces `out` whole at the end: a kill leaves
+    # the previous evaluation (or none), never a mix, and no earlier file (an old failure
+    # image) lingers beside the new ones.
+    with atomic_folder(out) as staging:
+        record = _write_evaluation(staging, run_dir, ckpt, chosen, logits, metrics, split)
+    log.info("%s accuracy %.4f, reports in %s", split, metrics["accuracy"], out)
+    keys = ("split", "n", "accuracy", "loss", "macro_f1", "checkpoint_epoch")
+    return {**{k: record[k] for k in keys}, "run": str(run_dir), "eval_dir": str(out)}
+
+
+def _pick_split(data: DataBundle, split: str, run_dir: Path) -> Split:
+    if split == "val":
+        return data.val
+    if data.test is None:
+        raise ToolkitError(
+            f"the data of '{run_dir}' ({data.source.get('path')}) has no test split; "
+            "evaluate the validation split with --split val, or train on data that has a "
+            "test/ folder (or test.txt)"
+        )
+    return data.test
+
+
+def _predict(ckpt: Checkpoint, split: Split, device: str) -> torch.Tensor:
+    dev = pick_device(device)
+    net = ckpt.build_net().to(dev)
+    # The checkpoint's mean/std, not the bundle's: the model is what it was trained with.
+    normalize = Normalizer(ckpt.dataset["mean"], ckpt.dataset["std"], dev)
+    return predict_logits(net, split.images, normalize, dev)
+
+
+def _write_evaluation(
+    out: Path,
+    run_dir: Path,
+    ckpt: Checkpoint,
+    chosen: Split,
+    logits: torch.Tensor,
+    metrics: dict,
+    split: str,
+) -> dict:
+    """Every file of an evaluation into `out`; returns metrics.json's record."""
+    classes = list(ckpt.dataset["classes"])
+    _write_reports(out, metrics, classes)
+    _write_failures(out, chosen, logits, classes)
+    title = f"{ckpt.model['name']} · {split} accuracy {metrics['accuracy']:.2%}"
+    cm_png = plots.confusion_matrix_png(metrics["confusion"], classes, title)
+    atomic_write_bytes(out / "confusion_matrix.png", cm_png)
+    _write_curves(out, run_dir, ckpt)
+    record = {
+        "split": split,
+        **{k: metrics[k] for k in ("n", "accuracy", "loss", "macro_f1")},
+        "per_class_accuracy": {r["class"]: r["accuracy"] for r in metrics["per_class"]},
+        "checkpoint_epoch": ckpt.epoch,
+        "model": ckpt.model,
+        "dataset": {k: ckpt.dataset[k] for k in ("name", "image_size", "source", "fingerprint")},
+        "evaluated_at": datetime.now().isoformat(timespec="seconds"),
+    }
+    # Last, though the folder is swapped in whole: an older reader may still treat a present
+    # metrics.json as the mark of a finished evaluation.
+    atomic_write_json(out / EVAL_RECORD, record)
+    return record
+
+
+def _write_reports(out: Path, metrics: dict, classes: list[str]) -> None:
+    atomic_write_text(out / "classification_report.txt", metrics["report_text"])
+    atomic_write_json(out / "classification_report.json", metrics["report"])
+    matrix = [
+        [name, *row] for name, row in zip(classes, metrics["confusion"].tolist(), strict=True)
+    ]
+    write_csv_rows(out / "confusion_matrix.csv", ["true \\ predicted", *classes], matrix)
+    columns = ["class", "support", "correct", "accuracy"]
+    rows = [[r[c] if r[c] is not None else "" for c in columns] for r in metrics["per_class"]]
+    write_csv_rows(out / "per_class.csv", columns, rows)
+
+
+def _write_failures(out: Path, split: Split, logits: torch.Tensor, classes: list[str]) -> None:
+    """failures/<index>.png, failures.json and the failures.png grid."""
+    entries, images, titles = [], [], []
+    for f in select_failures(split.labels, logits):
+        chw = split.images[f["index"]].numpy()
+        entry = {
+            **f,
+            "true": classes[f["true"]],
+            "predicted": classes[f["predicted"]],
+            "file": f"failures/{f['index']}.png",
+        }
+        atomic_write_bytes(out / entry["file"], plots.image_png(chw))
+        entries.append(entry)
+        images.append(chw)
+        titles.append(f"{entry['true']} → {entry['predicted']} ({entry['confidence']:.2f})")
+    atomic_write_json(out / "failures.json", entries)
+    atomic_write_bytes(out / "failures.png", plots.failures_png(images, titles))
+
+
+def _write_curves(out: Path, run_dir: Path, ckpt: Checkpoint) -> None:
+    history = read_metrics(run_dir)
+    if not history:
+        log.warning("no rows in %s; skipping curves.png", run_dir / "metrics.csv")
+        return
+    title = f"{ckpt.model['name']} · {run_dir.name}"
+    smoothing = ckpt.config.get("label_smoothing")
+    if smoothing:  # train loss is smoothed, val loss is not
+        title += f" (train loss with label smoothing {smoothing})"
+    png = plots.curves_png(history, best_epoch=ckpt.best_epoch, title=title)
+    atomic_write_bytes(out / "curves.png", png)

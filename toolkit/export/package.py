@@ -1,0 +1,64 @@
+"""Copy what the serving app needs from a finished run into an artifacts folder.
+
+    artifacts/<dataset>-<model>/
+        model.onnx  model.json  export-report.json     from RUN/export/
+        metrics.json  confusion_matrix.png             from RUN/eval/
+        failures.json  failures/<index>.png            from RUN/eval/ (known failure examples)
+    artifacts/examples/<dataset>/<class>_<n>.png       a few real test images per dataset
+
+The serving app reads only this layout, so it never needs torch or the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from toolkit.atomic import atomic_folder, remove_stale_temp
+from toolkit.errors import ToolkitError
+from toolkit.run.folder import read_json
+
+EXPORT_FILES = ("model.onnx", "model.json", "export-report.json")
+EVAL_FILES = ("metrics.json", "confusion_matrix.png", "failures.json")
+
+
+def package_run(run_dir: Path, artifacts_dir: Path, name: str | None = None) -> Path:
+    """Copy RUN/export and RUN/eval outputs into artifacts_dir/name; returns that folder."""
+    run_dir, artifacts_dir = Path(run_dir), Path(artifacts_dir)
+    sources = [run_dir / "export" / f for f in EXPORT_FILES]
+    sources += [run_dir / "eval" / f for f in EVAL_FILES]
+    missing = [str(p) for p in sources if not p.is_file()]
+    if missing:
+        raise ToolkitError(
+            f"cannot package '{run_dir}': missing {', '.join(missing)}; run "
+            f"`toolkit evaluate {run_dir}` and `toolkit export {run_dir}` first"
+        )
+    _check_export_is_whole(run_dir / "export")
+    if name is None:
+        meta = read_json(run_dir / "export" / "model.json")
+        name = f"{meta['dataset']}-{meta['model']}"
+    target = artifacts_dir / name
+    remove_stale_temp(artifacts_dir, name)  # what a killed package of this model left behind
+    # Filled beside the target and swapped in whole, so a half-copied folder is never served.
+    with atomic_folder(target) as staging:
+        for path in sources:
+            shutil.copy2(path, staging / path.name)
+        failures = run_dir / "eval" / "failures"
+        if failures.is_dir():
+            shutil.copytree(failures, staging / "failures")
+    return target
+
+
+def _check_export_is_whole(export_dir: Path) -> None:
+    """model.onnx must be the model its report verified: an export interrupted, or a file
+    edited or copied in since, would ship figures that describe another model."""
+    report = read_json(export_dir / "export-report.json")
+    digest = hashlib.sha256((export_dir / "model.onnx").read_bytes()).hexdigest()
+    expected = report.get("onnx_sha256") if isinstance(report, dict) else None
+    if digest != expected:
+        raise ToolkitError(
+            f"'{export_dir / 'model.onnx'}' is not the model that export-report.json "
+            f"describes (changed since, or an interrupted export); run "
+            f"`toolkit export {export_dir.parent}` again"
+        )

@@ -1,0 +1,137 @@
+"""TrainConfig: every option of a training run, each declared once (toolkit.options).
+
+The CLI's `toolkit train` flags, `toolkit reproduce`'s printed command lines and config.json
+are all derived from these fields. Torch-free, so the command line can read them without
+loading torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from toolkit.data.specs import DataOptions
+from toolkit.errors import ToolkitError
+from toolkit.options import as_flags, declared, option, recipe_option
+from toolkit.train import recipes
+
+ON_NAN = ("stop", "skip")  # --on-nan: what a non-finite loss does
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The options a model may take; which of them each model supports, and their defaults,
+    is the registry's (toolkit.models)."""
+
+    dropout: float | None = option(None, "Dropout probability, where the model has it.")
+    batch_norm: bool = option(False, "Add BatchNorm (where the reference put it, per model).")
+    width: int | None = option(None, "First-stage channels, where the model has it.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a run, resolved (recipe + flags); config.json is its asdict()."""
+
+    model: str
+    data: DataOptions
+    # Set by the recipe (toolkit.train.recipes); the flag overrides the recipe's value.
+    epochs: int = recipe_option("Epochs to train.")
+    batch_size: int = recipe_option("Global batch size (split across torchrun processes).")
+    optimizer: str = recipe_option("sgd, adam or adamw.")
+    lr: float = recipe_option("(Peak) learning rate.")
+    momentum: float = recipe_option("SGD momentum.")
+    nesterov: bool = recipe_option("Nesterov momentum (SGD).")
+    l2: float = recipe_option("Weight decay (what the reference calls L2).")
+    schedule: str = recipe_option("none, step, cosine, onecycle or linear.")
+    step_size: int = recipe_option("Epochs between lr drops (step schedule).")
+    gamma: float = recipe_option("lr factor at each drop (step schedule).")
+    warmup_epochs: float = recipe_option("Linear warm-up (cosine, linear schedules).")
+    augment: bool = recipe_option("Batch random crop + flip.")
+    cutout: int = recipe_option("Zero a random NxN square per image (0: off).")
+    label_smoothing: float = recipe_option("Label smoothing of the training loss.")
+    grad_clip: float = recipe_option("Clip the gradient norm (0: off).")
+    # The run's own options; the engine ones (device, amp, compile) change how it runs, not
+    # what it learns: config.json's "engine" block records what they resolved to.
+    recipe: str = option("default", "default (modern, fast) or seed (the reference).")
+    model_options: dict = field(default_factory=dict)  # ModelOptions the model takes
+    seed: int = option(0, "Seed of the weights, the val carve, the order and augmentation.")
+    on_nan: str = option(
+        "stop",
+        "A non-finite loss: stop (naming the last good checkpoint) or skip the batch (no "
+        "step; skipped batches are logged; an epoch with no good batch stops).",
+    )
+    device: str = option("auto", "auto, cpu or cuda.")
+    amp: str = option(
+        "auto",
+        "auto (bf16 where the GPU or CPU has it natively, else fp16 on a GPU and off on a "
+        "CPU), off, bf16 or fp16 autocast.",
+    )
+    compile: bool = option(False, "torch.compile the model (the first epoch compiles).")
+
+    def __post_init__(self):
+        if self.on_nan not in ON_NAN:
+            raise ToolkitError(
+                f"unknown --on-nan '{self.on_nan}'; choose one of: {', '.join(ON_NAN)}"
+            )
+
+    @classmethod
+    def from_recipe(
+        cls,
+        model: str,
+        data: DataOptions,
+        recipe: str = "default",
+        model_options: dict | None = None,
+        **flags,
+    ) -> TrainConfig:
+        """What `toolkit train MODEL --recipe RECIPE [flags]` builds: the model's options
+        checked against the registry, the recipe's values, then every flag that is not None
+        (`flags` are TrainConfig fields)."""
+        # The registry builds torch modules: imported when a config is made, so reading the
+        # declarations (the CLI) needs no torch.
+        from toolkit.models import resolve_options
+
+        unknown = sorted(set(flags) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"TrainConfig has no option(s) {', '.join(unknown)}")
+        set_by_recipe = {o.name for o in declared(cls) if o.flag.recipe}
+        overrides = {k: v for k, v in flags.items() if k in set_by_recipe}
+        others = {k: v for k, v in flags.items() if k not in set_by_recipe and v is not None}
+        return cls(
+            model=model,
+            data=data,
+            recipe=recipe,
+            model_options=resolve_options(model, **(model_options or {})),
+            **recipes.resolve(recipe, model, overrides),
+            **others,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """A config back from config.json or a checkpoint (extra keys there are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        return cls(**{**values, "data": DataOptions(**d["data"])})
+
+    def command_flags(self) -> list[str]:
+        """The flags after `toolkit train MODEL` that rebuild this config: one per option
+        whose value differs from what the recipe, the registry and the defaults give."""
+        from toolkit.models import resolve_options  # see from_recipe
+
+        values = dataclasses.asdict(self)
+        own = recipes.resolve(self.recipe, self.model, {})
+        # A recipe's warm-up follows --epochs (recipes.resolve): compare with the scaled one.
+        scaled = recipes.resolve(self.recipe, self.model, {"epochs": self.epochs})
+        run_options = [o for o in declared(TrainConfig) if not o.flag.recipe]
+        recipe_options = [o for o in declared(TrainConfig) if o.flag.recipe]
+        model_defaults = resolve_options(self.model)
+        model_values = {o.name: o.default for o in declared(ModelOptions)}
+        return [
+            *as_flags(declared(DataOptions), values["data"], {}),
+            *as_flags(run_options, values, {}),
+            *as_flags(recipe_options, values, {**scaled, "epochs": own["epochs"]}),
+            *as_flags(
+                declared(ModelOptions),
+                {**model_values, **self.model_options},
+                {**model_values, **model_defaults},
+            ),
+        ]
