@@ -337,22 +337,28 @@ def main(argv: list[str] | None = None, prog: str = "python -m serving.app") -> 
     warning = exposure_warning(args.host, args.auth)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    # quiet: Gradio's own banner tells people to edit launch(), which a CLI user cannot do.
-    url = launch(
-        demo,
-        host=args.host,
-        port=args.port,
-        auth=args.auth,
-        share=args.share,
-        prevent_thread_lock=True,
-        quiet=True,
-    )
-    print(f"Serving on {url} (Ctrl-C to stop)", flush=True)
     # `docker stop` and Kubernetes send SIGTERM; as PID 1 in a container an unhandled SIGTERM
     # is ignored, so the server would sit out the grace period until SIGKILL. Treat it as
-    # Ctrl-C: block_thread closes the server and returns.
-    signal.signal(signal.SIGTERM, _interrupt)
-    demo.blocks.block_thread()
+    # Ctrl-C, from before the server answers: block_thread closes the server and returns, and
+    # one that lands before block_thread runs closes it here.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        # quiet: Gradio's own banner tells people to edit launch(), which a CLI user cannot do.
+        url = launch(
+            demo,
+            host=args.host,
+            port=args.port,
+            auth=args.auth,
+            share=args.share,
+            prevent_thread_lock=True,
+            quiet=True,
+        )
+        print(f"Serving on {url} (Ctrl-C to stop)", flush=True)
+        demo.blocks.block_thread()
+    except KeyboardInterrupt:
+        demo.blocks.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum, frame) -> None:

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
-import venv
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -411,62 +408,3 @@ def test_broken_artifacts_stop_the_server_naming_the_file(served_artifacts, tmp_
     assert done.returncode == 2
     assert f"error: '{broken.resolve() / 'stl10-net' / 'model.onnx'}' is missing" in done.stderr
     assert "Traceback" not in done.stderr
-
-
-@pytest.mark.slow
-def test_serving_requirements_alone_run_the_app(served_artifacts, tmp_path):
-    """What the Dockerfile builds: a fresh venv from serving/requirements.txt, only serving/
-    and artifacts/ beside it (no torch, no toolkit), then the smoke test against it."""
-    image = tmp_path / "app"
-    shutil.copytree(
-        ROOT / "serving", image / "serving", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    shutil.copytree(served_artifacts, image / "artifacts")
-    venv.create(tmp_path / "venv", with_pip=True)
-    python = str(tmp_path / "venv" / "bin" / "python")
-    requirements = image / "serving" / "requirements.txt"
-    install = subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "-r", str(requirements)],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
-    probe = subprocess.run([python, "-c", "import torch"], capture_output=True, timeout=60)
-    assert probe.returncode != 0, "torch must not be in the serving environment"
-    result = smoke_test_module_app(
-        python, image, Path("artifacts"), example(served_artifacts, "cifar10", "horse")
-    )
-    assert result["label"] == "horse"
-
-
-def _instructions(dockerfile: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    joined = dockerfile.replace("\\\n", " ")
-    lines = [line.strip() for line in joined.splitlines()]
-    return [
-        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
-        for line in lines
-        if line and not line.startswith("#")
-    ]
-
-
-def test_dockerfile_matches_the_tested_environment():
-    steps = _instructions((ROOT / "Dockerfile").read_text())
-    kinds = [kind for kind, _ in steps]
-    assert steps[0][0] == "FROM" and steps[0][1].startswith("python:") and "slim" in steps[0][1]
-    assert ("RUN", "pip install -r serving/requirements.txt") in steps
-    copied = [args.split()[0] for kind, args in steps if kind in ("COPY", "ADD")]
-    assert copied == ["serving/requirements.txt", "serving/", "artifacts/"]
-    user = [args for kind, args in steps if kind == "USER"]
-    assert user and user[-1] not in ("root", "0")
-    assert kinds.index("USER") < kinds.index("CMD")
-    assert ("EXPOSE", "7860") in steps and "HEALTHCHECK" in kinds
-    command = json.loads(dict(steps)["CMD"])
-    assert command[:3] == ["python", "-m", "serving.app"]
-    assert command[command.index("--host") + 1] == "0.0.0.0"
-    requirements = (ROOT / "serving" / "requirements.txt").read_text().splitlines()
-    pins = [line.strip() for line in requirements if line.strip() and not line.startswith("#")]
-    assert all(re.fullmatch(r"[a-z_-]+==[0-9][0-9a-z.]*", pin) for pin in pins), pins
-    names = sorted(pin.split("==")[0] for pin in pins)
-    assert names == ["gradio", "numpy", "onnxruntime", "pillow"]

@@ -133,16 +133,20 @@ def models_cmd(
 # --- options derived from their declarations --------------------------------------------------
 
 
-def _typer_parameter(opt: Declared, recipe_default: bool = False) -> inspect.Parameter:
-    """One declared option as a Typer parameter: its flag, type, default and help."""
+def _typer_parameter(opt: Declared) -> inspect.Parameter:
+    """One declared option as a Typer parameter: its flag, type, default and help. A recipe
+    option defaults to None: the recipe's value unless the flag is given."""
     negatable = f"{opt.spelling}/--no-{opt.spelling[2:]}"
     decls = [negatable] if opt.type is bool else [opt.spelling]
-    default = None if recipe_default else opt.default
-    help_text = opt.flag.help + (" (default: the recipe's)" if recipe_default else "")
+    by_recipe = opt.flag.recipe
+    help_text = opt.flag.help + (" (default: the recipe's)" if by_recipe else "")
+    option = typer.Option(
+        None if by_recipe else opt.default, *decls, help=help_text, show_default=not by_recipe
+    )
     return inspect.Parameter(
         opt.name,
         inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(default, *decls, help=help_text, show_default=not recipe_default),
+        default=option,
         annotation=Path if opt.flag.path else opt.type,
     )
 
@@ -153,7 +157,7 @@ def with_declared_options(*groups: list[Declared]):
 
     def decorate(fn):
         own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
-        extra = [_typer_parameter(o, o.flag.recipe) for group in groups for o in group]
+        extra = [_typer_parameter(o) for group in groups for o in group]
         fn.__signature__ = inspect.Signature([*own, *extra])
         return fn
 
@@ -322,7 +326,7 @@ def export_cmd(
     fp16: bool = typer.Option(False, "--fp16", help="Also write an fp16 model (GPU use)."),
     triton: Path = typer.Option(None, help="Also lay out a Triton model repository here."),
     opset: int = typer.Option(
-        None, help="ONNX opset: 13 up to 20 with torch's exporter (default 17)."
+        None, help="ONNX opset, 15 up to the newest torch.onnx writes (default 17)."
     ),
 ):
     """Export RUN/best.pt to ONNX, verify parity on the test split, measure size and latency."""

@@ -177,6 +177,11 @@ def make_session(model: bytes | str | Path, runtime: str, threads: int) -> ort.I
     options.log_severity_level = 3  # errors only: provider fallbacks are checked, not logged
     providers = ["CPUExecutionProvider"]
     if runtime == CUDA:
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ToolkitError(
+                f"onnxruntime {ort.__version__} has no CUDA provider here: install the "
+                "onnxruntime-gpu wheel (`make install ORT=gpu`) on a machine with a GPU"
+            )
         providers.insert(0, "CUDAExecutionProvider")
     source = str(model) if isinstance(model, Path) else model
     try:
