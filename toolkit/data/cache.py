@@ -1,0 +1,90 @@
+"""The decode-once cache: a source's decoded uint8 tensors, saved under the data root.
+
+A cache file is keyed by the source, the image size and a cheap listing of the files (names,
+sizes, modification times), so any change to the files rebuilds it; it also stores the
+content fingerprint (a SHA-1 of every pixel and label, the data's identity in checkpoints)
+and the training split's mean/std, so nothing anywhere pastes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from toolkit.atomic import atomic_torch_save
+from toolkit.data.specs import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2
+
+
+def cache_path(data_root: Path, spec: DatasetSpec, source: dict, size: int, listing: str) -> Path:
+    """Where the tensors of `source` at `size` with this file `listing` are cached.
+
+    The bad-file policy is not part of the key: a cache holds the images that decoded *and*
+    the list of bad files, so "fail" and "skip" read the same entry and each applies its own
+    rule (and the `--bad-files skip` rerun that a failure suggests starts from the cache).
+    """
+    key = hashlib.sha1(f"{CACHE_VERSION}|{spec.name}|{source}|{size}|{listing}".encode())
+    return data_root / "cache" / f"{spec.name}-{source['kind']}-{size}px-{key.hexdigest()[:16]}.pt"
+
+
+def listing_key(files: list[Path]) -> str:
+    """Cheap change detector for the cache: names, sizes, modification times.
+
+    Bad files are part of the listing too (a missing one as 'missing'), so fixing, adding or
+    removing one rebuilds the cache instead of replaying its old verdict.
+    """
+    digest = hashlib.sha1()
+    for path in files:
+        try:
+            st = path.stat()
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        digest.update(f"{path}\0{stamp}\n".encode())
+    return digest.hexdigest()
+
+
+def content_fingerprint(tensors: dict) -> str:
+    """SHA-1 of the decoded pixels and labels of every split: the data's identity.
+
+    Unlike file names or timestamps it survives copying or moving the data, and changes
+    whenever a pixel or a label does.
+    """
+    digest = hashlib.sha1()
+    for split in sorted(k for k in tensors if k in ("train", "val", "test")):
+        images, labels = tensors[split]
+        digest.update(split.encode())
+        digest.update(images.contiguous().numpy().tobytes())
+        digest.update(labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_or_build(cache_file: Path, build: Callable[[], dict]) -> dict:
+    """The cached tensors in `cache_file`, or `build()`'s, with their fingerprint and mean/std
+    added and saved there for the next run."""
+    if cache_file.is_file():
+        try:
+            cached = torch.load(cache_file, map_location="cpu", weights_only=True)
+            if cached.get("cache_version") == CACHE_VERSION:
+                log.info("loaded decoded tensors from cache %s", cache_file)
+                return cached
+        except Exception as exc:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring unreadable cache %s (%s)", cache_file, exc)
+    built = build()
+    built["content_sha1"] = content_fingerprint(built)
+    train = built["train"][0].float().div_(255)
+    built["mean"] = train.mean(dim=(0, 2, 3)).tolist()
+    built["std"] = train.std(dim=(0, 2, 3)).tolist()
+    built["cache_version"] = CACHE_VERSION
+    try:
+        atomic_torch_save(cache_file, built)
+    except OSError as exc:  # a read-only cache folder only costs time
+        log.warning("could not write cache %s (%s)", cache_file, exc)
+    return built
