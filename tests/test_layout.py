@@ -137,3 +137,20 @@ def test_the_command_line_and_the_server_start_without_torch():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_no_source_file_is_hidden_by_gitignore():
+    """A pattern like `data/` once ignored toolkit/data/'s new modules: a clone then lacked
+    them. Skipped outside a git checkout."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(
+        ["git", "ls-files", "--others", "--ignored", "--exclude-standard", *PACKAGES, "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"git is not usable here: {done.stderr.strip()}")
+    hidden = [line for line in done.stdout.splitlines() if line.endswith(".py")]
+    assert hidden == [], hidden
