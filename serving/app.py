@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+from gradio.components.label import LabelConfidence, LabelData
 from starlette.middleware import Middleware
 
 from serving.card import latency_markdown
@@ -66,6 +67,25 @@ class Demo:
 # --- the Blocks ---------------------------------------------------------------------------------
 
 
+class Verdict(gr.Label):
+    """gr.Label whose value may carry its own heading: "not sure" above the top-k bars.
+
+    gr.Label heads every {class: probability} value with its top class; handlers.classify
+    returns {"label", "confidences": [{"label", "confidence"}]} (the shape gr.Label sends
+    to the page anyway), and this keeps its label. A template of gr.Label: the page draws it
+    with Label's own frontend.
+    """
+
+    is_template = True
+
+    def postprocess(self, value):
+        if isinstance(value, dict) and isinstance(value.get("confidences"), list):
+            confidences = [LabelConfidence(**c) for c in value["confidences"]]
+            return LabelData(label=value["label"], confidences=confidences)
+        return super().postprocess(value)
+
+
+
 @dataclass
 class Widgets:
     """The components events connect, as built by `_layout`."""
@@ -80,6 +100,7 @@ class Widgets:
     failures: gr.Gallery
     card: gr.Markdown
     matrix: gr.Image
+    reliability: gr.Image
 
 
 def build_demo(
@@ -107,7 +128,7 @@ def build_demo(
 def _layout(handlers: DemoHandlers, max_upload_mb: float) -> Widgets:
     """Picker, upload and answer on top; examples, known failures and model card in tabs."""
     catalog = handlers.catalog
-    card, matrix, failures, examples = handlers.show_model(catalog.default)
+    card, matrix, reliability, failures, examples = handlers.show_model(catalog.default)
     gr.Markdown(
         "## Image classifier\nUpload a picture (or paste one, or use the webcam): the chosen "
         f"model returns its top-{TOP_K} classes. Served with onnxruntime, "
@@ -130,7 +151,7 @@ def _layout(handlers: DemoHandlers, max_upload_mb: float) -> Widgets:
             )
             button = gr.Button("Classify", variant="primary", elem_id="classify")
         with gr.Column():
-            label = gr.Label(num_top_classes=TOP_K, label=f"Top-{TOP_K}", elem_id="prediction")
+            label = Verdict(num_top_classes=TOP_K, label=f"Top-{TOP_K}", elem_id="prediction")
             latency = gr.Markdown(elem_id="latency")
     with gr.Tabs():
         with gr.Tab("Examples"):
@@ -152,6 +173,12 @@ def _layout(handlers: DemoHandlers, max_upload_mb: float) -> Widgets:
                 interactive=False,
                 buttons=["download", "fullscreen"],
             )
+            reliability_img = gr.Image(
+                reliability,
+                label="Reliability: accuracy against confidence (test split), raw and calibrated",
+                interactive=False,
+                buttons=["download", "fullscreen"],
+            )
     return Widgets(
         picker,
         image,
@@ -163,6 +190,7 @@ def _layout(handlers: DemoHandlers, max_upload_mb: float) -> Widgets:
         failure_gallery,
         card_md,
         matrix_img,
+        reliability_img,
     )
 
 
@@ -202,7 +230,7 @@ def _wire(w: Widgets, handlers: DemoHandlers) -> None:
     w.picker.change(
         handlers.show_model,
         w.picker,
-        [w.card, w.matrix, w.failures, w.examples],
+        [w.card, w.matrix, w.reliability, w.failures, w.examples],
         api_visibility="private",
     ).then(
         handlers.reclassify,

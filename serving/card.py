@@ -8,13 +8,21 @@ from serving.catalog import ServedModel
 
 
 def latency_markdown(timing: dict | None) -> str:
-    """The line under the answer: total time, its split, which model on which provider."""
+    """The lines under the answer: why it is "not sure", if it is; total time, its split,
+    which model on which provider."""
     if not timing:
         return ""
     total = timing["preprocess_ms"] + timing["model_ms"]
-    return (
+    line = (
         f"**Latency** {total:.1f} ms (preprocess {timing['preprocess_ms']:.1f} ms · "
         f"model {timing['model_ms']:.1f} ms) · `{timing['model']}` on {timing['providers']}"
+    )
+    doubt = timing.get("not_sure")
+    if not doubt:
+        return line
+    return (
+        f"**Not sure**: the top class has {doubt['top']:.0%}, below this model's threshold of "
+        f"{doubt['threshold']:.0%} (see the model card); the top-5 are shown anyway.\n\n{line}"
     )
 
 
@@ -33,6 +41,7 @@ def card_markdown(model: ServedModel) -> str:
             "n/a" if acc is None else f"{acc:.2%} ({_number(model.metrics.get('n'))} images)",
         ),
         ("val accuracy", _percent(info.get("val_accuracy"))),
+        *calibration_rows(info, model.metrics),
         ("input", "×".join(str(s) for s in model.classifier.input_size) + " RGB"),
         ("toolkit", str(info.get("toolkit_version", "?"))),
     ]
@@ -43,6 +52,39 @@ def card_markdown(model: ServedModel) -> str:
         f"### {model.dataset} · {model.model}\n\n| property | value |\n|---|---|\n{table}\n\n"
         f"Classes: {classes}"
     )
+
+
+def calibration_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
+    """What the probabilities mean: the temperature, and the "not sure" threshold with what
+    it kept on the test split (from the packaged evaluation, when it has them)."""
+    if info.get("calibrated_on") is None:
+        return [("probabilities", "softmax of the logits, not calibrated")]
+    rows = [
+        (
+            "probabilities",
+            f"calibrated: softmax(logits / {info['temperature']:.3f}), the temperature "
+            "fitted on the val split",
+        )
+    ]
+    test = _section(_section(metrics, "calibration"), "calibrated")
+    raw = _section(_section(metrics, "calibration"), "raw")
+    if isinstance(test.get("ece"), (int, float)) and isinstance(raw.get("ece"), (int, float)):
+        rows.append(("calibration error (ECE, test)", f"{raw['ece']:.2%} raw → {test['ece']:.2%}"))
+    threshold = info.get("confidence_threshold")
+    if threshold is None:
+        rows.append(("not sure", "never: no threshold reaches the target on val"))
+        return rows
+    kept = _section(_section(metrics, "calibration"), "selective")
+    text = (
+        f"below {threshold:.1%} top-1 probability (target {info['confidence_target']:.0%} accuracy)"
+    )
+    if isinstance(kept.get("accuracy"), (int, float)):
+        text += (
+            f"; on test it answered {kept['coverage']:.1%} of the images, "
+            f"{kept['accuracy']:.2%} of them right"
+        )
+    rows.append(("not sure", text))
+    return rows
 
 
 def report_rows(report: dict) -> list[tuple[str, str]]:

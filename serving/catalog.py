@@ -2,6 +2,7 @@
 
     artifacts/<dataset>-<model>/
         model.onnx  model.json  export-report.json  metrics.json  confusion_matrix.png
+        reliability_diagram.png (packaged since the models are calibrated; optional)
         failures.json  failures/<index>.png
     artifacts/examples/<dataset>/<class>_<n>.png          (optional)
 
@@ -57,6 +58,7 @@ class ServedModel:
     report: dict[str, Any]
     failures: list[Failure]
     confusion_matrix: Path
+    reliability_diagram: Path | None  # models packaged before calibration have none
     size_bytes: int
 
     @property
@@ -104,6 +106,7 @@ class Catalog:
     def servable_paths(self) -> list[str]:
         """The only files the web server may hand out: images shown in the UI, nothing else."""
         paths = [str(m.confusion_matrix) for m in self.models.values()]
+        paths += [str(m.reliability_diagram) for m in self.models.values() if m.reliability_diagram]
         paths += [str(f.path) for m in self.models.values() for f in m.failures]
         paths += [str(p) for images in self.examples.values() for p in images]
         return paths
@@ -158,6 +161,7 @@ def load_model(folder: Path, providers: list[str] | None = None) -> ServedModel:
         report=read_json_object(folder / "export-report.json"),
         failures=load_failures(folder),
         confusion_matrix=check_image(folder / "confusion_matrix.png", inside=folder),
+        reliability_diagram=_optional_image(folder / "reliability_diagram.png", folder),
         size_bytes=classifier.path.stat().st_size,
     )
 
@@ -208,6 +212,10 @@ def example_caption(path: Path) -> str:
 
 
 # --- small checked readers -------------------------------------------------------------------
+
+
+def _optional_image(path: Path, inside: Path) -> Path | None:
+    return check_image(path, inside) if path.exists() or path.is_symlink() else None
 
 
 def _hidden(path: Path) -> bool:

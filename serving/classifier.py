@@ -75,6 +75,10 @@ class OnnxClassifier:
         self.classes: list[str] = self._check_metadata()
         height, width = self.metadata["input_size"]
         self.input_size: tuple[int, int] = (int(height), int(width))
+        # Calibration (toolkit's export): the graph's "probs" are softmax(logits / T), and
+        # below the threshold a prediction is "not sure". Older models: T = 1, no threshold.
+        self.temperature = float(self.metadata.get("temperature", 1.0))
+        self.confidence_threshold: float | None = self.metadata.get("confidence_threshold")
         self.input_name, self.batch_limit = self._check_input()
         self.output_name = self._pick_output()
         self._check_runs()
@@ -112,6 +116,14 @@ class OnnxClassifier:
             isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)
         ):
             raise ArtifactError(f"'{self.path}': metadata 'input_size' is not [height, width]")
+        threshold = meta.get("confidence_threshold")
+        if threshold is not None and not (
+            isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0
+        ):
+            raise ArtifactError(f"'{self.path}': metadata 'confidence_threshold' is not in (0, 1]")
+        temperature = meta.get("temperature", 1.0)
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ArtifactError(f"'{self.path}': metadata 'temperature' is not a positive number")
         rules = meta["preprocessing"]
         if not isinstance(rules, dict) or any(
             rules.get(key) != value for key, value in PREPROCESSING.items()
@@ -188,7 +200,7 @@ class OnnxClassifier:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run([self.output_name], {self.input_name: batch})
-        return out if self.output_name == "probs" else softmax(out)
+        return out if self.output_name == "probs" else softmax(out / self.temperature)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """N×H×W×3 uint8 images already at the input size -> N×classes probabilities."""
@@ -199,6 +211,10 @@ class OnnxClassifier:
         if not images:
             return np.empty((0, len(self.classes)), dtype=np.float32)
         return self.predict_batch(np.stack([self.preprocess(image) for image in images]))
+
+    def is_sure(self, probs: np.ndarray) -> bool:
+        """Whether one image's top-1 probability reaches the model's confidence threshold."""
+        return self.confidence_threshold is None or float(probs.max()) >= self.confidence_threshold
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> dict[str, float]:
         """One row of probabilities -> {class: probability} for the k most likely classes."""

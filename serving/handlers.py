@@ -48,13 +48,32 @@ def _too_big(name: str, size: int, max_bytes: int) -> str:
     return f"{name} is {size / 1e6:.1f} MB; the upload limit is {max_bytes / 1e6:.1f} MB"
 
 
+NOT_SURE = "not sure"
+
+
 def classify(model: ServedModel, source: bytes | Path, name: str) -> tuple[dict, dict]:
-    """Decode + classify one image -> (top-k {class: probability}, latency facts)."""
+    """Decode + classify one image -> (a gr.Label value, latency facts).
+
+    The label is the top class, or "not sure" when its (calibrated) probability is below the
+    model's confidence threshold; the top-k classes are there either way.
+    """
     image = open_upload(source, name)
-    probs, timing = model.classifier.timed_predict(image)
-    timing["providers"] = model.classifier.providers[0]
+    classifier = model.classifier
+    probs, timing = classifier.timed_predict(image)
+    timing["providers"] = classifier.providers[0]
     timing["model"] = model.key
-    return model.classifier.top_k(probs, TOP_K), timing
+    top = classifier.top_k(probs, TOP_K)
+    sure = classifier.is_sure(probs)
+    if not sure:
+        timing["not_sure"] = {
+            "top": max(top.values()),
+            "threshold": classifier.confidence_threshold,
+        }
+    label = {
+        "label": next(iter(top)) if sure else NOT_SURE,
+        "confidences": [{"label": k, "confidence": v} for k, v in top.items()],
+    }
+    return label, timing
 
 
 class DemoHandlers:
@@ -92,12 +111,20 @@ class DemoHandlers:
             return gr.skip(), gr.skip()
         return self.predict(image, model)
 
-    def show_model(self, key: str) -> tuple[str, str, list, list]:
-        """Model card, confusion matrix, failure gallery and dataset examples for `key`."""
+    def show_model(self, key: str) -> tuple[str, str, str | None, list, list]:
+        """Model card, confusion matrix, reliability diagram, failure gallery and dataset
+        examples for `key`."""
         served = self.model(key)
         failures = [(str(f.path), f.caption) for f in served.failures]
         examples = [(str(p), example_caption(p)) for p in self.examples(served)]
-        return card_markdown(served), str(served.confusion_matrix), failures, examples
+        reliability = served.reliability_diagram
+        return (
+            card_markdown(served),
+            str(served.confusion_matrix),
+            str(reliability) if reliability else None,
+            failures,
+            examples,
+        )
 
     def examples(self, served: ServedModel) -> list[Path]:
         return self.catalog.examples.get(served.dataset, [])

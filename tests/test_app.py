@@ -27,7 +27,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from serving.app import CACHE_SWEEP, build_demo, launch, parse_args, parse_auth
-from serving.card import card_markdown
+from serving.card import card_markdown, latency_markdown
 from serving.catalog import Catalog, load_catalog
 from serving.handlers import DemoHandlers, upload_bytes
 from serving.uploads import ImageError, open_upload
@@ -137,15 +137,26 @@ def as_dict(label: dict) -> dict[str, float]:
     return {c["label"]: c["confidence"] for c in label["confidences"]}
 
 
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def top_class(label: dict) -> str:
+    """The most likely class of a gr.Label value; its heading may say "not sure" instead."""
+    return label["confidences"][0]["label"]
+
+
 # --- predictions -------------------------------------------------------------------------------
 
 
 def test_predict_returns_the_top5_label(client, catalog, served_artifacts):
     path = example(served_artifacts, "cifar10", "cat")
     result = ask(client, handle_file(str(path)), "cifar10-net")
-    assert result["label"] == "cat"
+    assert top_class(result) == "cat"
     confidences = [c["confidence"] for c in result["confidences"]]
     assert len(confidences) == 5 and confidences == sorted(confidences, reverse=True)
+    sure = catalog.get("cifar10-net").classifier.is_sure(np.array(confidences))
+    assert result["label"] == ("cat" if sure else "not sure")
     expected = top5(catalog, "cifar10-net", path)
     assert list(as_dict(result)) == list(expected)
     np.testing.assert_allclose(list(as_dict(result).values()), list(expected.values()), atol=1e-6)
@@ -167,7 +178,7 @@ def test_known_failures_are_reproduced_through_the_api(client, catalog):
     assert failures
     for failure in failures:
         result = ask(client, handle_file(str(failure.path)), "stl10-net")
-        assert result["label"] == failure.predicted != failure.true
+        assert top_class(result) == failure.predicted != failure.true
         assert result["confidences"][0]["confidence"] == pytest.approx(failure.confidence, abs=1e-4)
 
 
@@ -179,22 +190,23 @@ def test_gallery_clicks_run_the_clicked_image(catalog):
     click = gr.SelectData(None, {"index": 1, "value": None})
     shown, label, timing = handlers.run_failure("stl10-net", click)
     assert Path(shown) == failure.path
-    assert next(iter(label)) == failure.predicted
+    assert top_class(label) == failure.predicted
     assert timing["model"] == "stl10-net" and timing["model_ms"] > 0
     # With no image on screen a model switch must not wipe what a click just showed.
     assert handlers.reclassify(None, "stl10-net") == (gr.skip(), gr.skip())
     click = gr.SelectData(None, {"index": 4, "value": None})
     shown, label, _ = handlers.run_example("cifar10-net", click)
     assert Path(shown) == catalog.examples["cifar10"][4]
-    assert next(iter(label)) == Path(shown).stem.rsplit("_", 1)[0]  # the 100 % model is right
+    assert top_class(label) == Path(shown).stem.rsplit("_", 1)[0]  # the 100 % model is right
 
 
 def test_model_switch_shows_that_models_card_and_galleries(catalog):
     handlers = DemoHandlers(catalog, max_upload_bytes=10**6)
-    card, matrix, failures, examples = handlers.show_model("stl10-net")
+    card, matrix, reliability, failures, examples = handlers.show_model("stl10-net")
     served = catalog.get("stl10-net")
     assert card.startswith("### stl10 · net") and "monkey" in card
     assert Path(matrix) == served.confusion_matrix
+    assert Path(reliability) == served.reliability_diagram and reliability.endswith(".png")
     assert [Path(p) for p, _ in failures] == [f.path for f in served.failures]
     assert failures[0][1] == f"{served.failures[0].true} → {served.failures[0].predicted} " + (
         f"({served.failures[0].confidence:.0%})"
@@ -212,6 +224,39 @@ def test_model_card_shows_params_size_accuracy_and_export_figures(catalog):
     assert "latency p50 (onnx fp32" in card
     served.report.clear()  # a minimal export report still gives a card
     assert "| parameters |" in card_markdown(served)
+
+
+def test_below_the_threshold_the_page_says_not_sure_and_still_shows_the_top5(
+    catalog, served_artifacts, monkeypatch
+):
+    handlers = DemoHandlers(catalog, max_upload_bytes=10**6)
+    classifier = catalog.get("cifar10-net").classifier
+    cat = example(served_artifacts, "cifar10", "cat").read_bytes()
+    monkeypatch.setattr(classifier, "confidence_threshold", 1.5)  # no probability reaches it
+    doubtful, timing = handlers.predict({"path": None, "url": data_url(cat)}, "cifar10-net")
+    assert doubtful["label"] == "not sure" and top_class(doubtful) == "cat"
+    assert len(doubtful["confidences"]) == 5
+    note = latency_markdown(timing)
+    assert note.startswith("**Not sure**: the top class has") and "threshold of 150%" in note
+    monkeypatch.setattr(classifier, "confidence_threshold", None)  # an uncalibrated model
+    sure, timing = handlers.predict({"path": None, "url": data_url(cat)}, "cifar10-net")
+    assert sure["label"] == "cat" and "not_sure" not in timing
+    assert sure["confidences"] == doubtful["confidences"]
+
+
+def test_the_model_card_says_what_the_probabilities_mean(catalog):
+    served = catalog.get("cifar10-net")
+    card = card_markdown(served)
+    temperature = served.info["temperature"]
+    assert f"calibrated: softmax(logits / {temperature:.3f})" in card
+    assert "| calibration error (ECE, test) |" in card and "raw →" in card
+    threshold = served.info["confidence_threshold"]
+    if threshold is None:
+        assert "| not sure | never" in card
+    else:
+        kept = served.metrics["calibration"]["selective"]
+        assert f"below {threshold:.1%} top-1 probability (target 95% accuracy)" in card
+        assert f"answered {kept['coverage']:.1%} of the images" in card
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -234,7 +279,7 @@ def test_bad_uploads_get_a_specific_error_and_the_server_keeps_serving(
     with pytest.raises(AppError, match=message):
         ask(client, handle_file(str(tmp_path / name)))
     good = ask(client, handle_file(str(example(served_artifacts, "cifar10", "ship"))))
-    assert good["label"] == "ship"
+    assert top_class(good) == "ship"
 
 
 def test_missing_image_and_unknown_model(client, served_artifacts):
@@ -252,7 +297,7 @@ def test_animated_gif_is_classified_by_its_first_frame(client, served_artifacts,
     second = Image.open(example(served_artifacts, "cifar10", "truck")).convert("RGB")
     first.save(tmp_path / "anim.gif", save_all=True, append_images=[second], duration=200)
     result = ask(client, handle_file(str(tmp_path / "anim.gif")))
-    assert result["label"] == "frog"
+    assert top_class(result) == "frog"
 
 
 def test_uploads_over_the_cap_are_refused(client, server, tmp_path):
@@ -345,7 +390,7 @@ def test_auth_is_required_when_set(served_artifacts):
         with pytest.raises(Exception):  # noqa: B017 - the client raises different types here
             ask(connect(url), example_image)
         authed = connect(url, auth=("ana", "secret"))
-        assert ask(authed, example_image)["label"] == "cat"
+        assert top_class(ask(authed, example_image)) == "cat"
 
 
 def test_the_cache_sweep_deletes_old_uploads_and_keeps_the_page(served_artifacts, tmp_path):
@@ -363,7 +408,7 @@ def test_the_cache_sweep_deletes_old_uploads_and_keeps_the_page(served_artifacts
         note.add_text("comment", "an upload")  # same pixels, other bytes
         Image.open(example(served_artifacts, "cifar10", "cat")).save(upload, pnginfo=note)
         cat = handle_file(str(upload))
-        assert ask(connect(url), cat, "cifar10-net")["label"] == "cat"
+        assert top_class(ask(connect(url), cat, "cifar10-net")) == "cat"
         uploads = set(blocks.upload_file_set)
         assert uploads and all(Path(f).exists() for f in uploads)
 
@@ -372,7 +417,7 @@ def test_the_cache_sweep_deletes_old_uploads_and_keeps_the_page(served_artifacts
         assert not any(Path(f).exists() for f in uploads)
         for path in page:
             assert httpx.get(f"{url}gradio_api/file={path}", timeout=10).status_code == 200, path
-        assert ask(connect(url), cat, "cifar10-net")["label"] == "cat"
+        assert top_class(ask(connect(url), cat, "cifar10-net")) == "cat"
     finally:
         blocks.close()
 
@@ -384,7 +429,7 @@ def test_module_entry_point_serves(served_artifacts):
     result = smoke_test_module_app(
         sys.executable, ROOT, served_artifacts, example(served_artifacts, "cifar10", "deer")
     )
-    assert result["label"] == "deer"
+    assert top_class(result) == "deer"
 
 
 def test_broken_artifacts_stop_the_server_naming_the_file(served_artifacts, tmp_path):

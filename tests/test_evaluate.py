@@ -55,10 +55,12 @@ def read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
     return header[1:], np.array([[int(v) for v in row[1:]] for row in body])
 
 
-def independent_probs(run: Path, images: torch.Tensor) -> torch.Tensor:
-    """Softmax of best.pt through NormalizedClassifier: a second path to the same predictions."""
+def independent_probs(run: Path, images: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax of best.pt through NormalizedClassifier: a second path to the same predictions
+    (with `temperature`: the calibrated probabilities)."""
     with torch.no_grad():
-        return Checkpoint.load(run / "best.pt").build_classifier()(images.float() / 255).softmax(1)
+        logits = Checkpoint.load(run / "best.pt").build_classifier()(images.float() / 255)
+        return (logits / temperature).softmax(1)
 
 
 def is_png(path: Path) -> bool:
@@ -214,7 +216,9 @@ def test_failure_gallery_holds_real_mistakes(trained_run, tmp_path):
     out = run / "eval"
     failures = json.loads((out / "failures.json").read_text())
     classes = data.spec.classes
-    probs = independent_probs(run, data.test.images)
+    # The gallery's confidences are the served, calibrated ones.
+    temperature = json.loads((run / "calibration.json").read_text())["temperature"]
+    probs = independent_probs(run, data.test.images, temperature)
     conf, preds = probs.max(1)
     assert len(failures) == 2 * 10
     for f in failures:

@@ -68,6 +68,10 @@ META_KEYS = {
     "val_accuracy",
     "toolkit_version",
     "preprocessing",
+    "temperature",
+    "calibrated_on",
+    "confidence_threshold",
+    "confidence_target",
 }
 
 
@@ -125,6 +129,14 @@ def make_run(
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "best.pt").write_bytes(ckpt.to_bytes())
     return run_dir
+
+
+def meta_of(session: ort.InferenceSession) -> dict:
+    return {
+        k: json.loads(v)
+        for k, v in session.get_modelmeta().custom_metadata_map.items()
+        if k == "temperature"
+    }
 
 
 def torch_macs(net: torch.nn.Module, shape: tuple[int, ...]) -> int:
@@ -288,7 +300,10 @@ def test_every_registered_model_exports_with_parity(
     assert logits.shape == probs.shape == (5, 10)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(
-        probs, torch.softmax(torch.from_numpy(expected), 1).numpy(), rtol=1e-4, atol=1e-5
+        probs,
+        torch.softmax(torch.from_numpy(expected) / meta_of(session)["temperature"], 1).numpy(),
+        rtol=1e-4,
+        atol=1e-5,
     )
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
 

@@ -223,7 +223,8 @@ def test_classifier_agrees_with_toolkit_evaluation(served_artifacts, dataset):
     data = load_data(DataOptions(**config["data"]), seed=config.get("seed", 0))
     with torch.no_grad():
         net = Checkpoint.load(run / "best.pt").build_classifier()
-        expected = net(data.test.images.float() / 255).softmax(1).numpy()
+        temperature = json.loads((folder / "model.json").read_text())["temperature"]
+        expected = (net(data.test.images.float() / 255) / temperature).softmax(1).numpy()
     source = Path(config["data"]["data_dir"] or config["data"]["splits"])
     if dataset == "cifar10":
         listed = scan_image_folder(source / "test", data.spec)

@@ -244,6 +244,9 @@ def evaluate_cmd(
     from toolkit.run.folder import resolve_run
 
     summary = evaluate_run(resolve_run(run), split=split, device=device)
+    c = summary["calibration"]
+    raw, calibrated, selective = c["raw"], c["calibrated"], c["selective"]
+    threshold = selective["threshold"]
     console.print(
         _summary(
             "evaluation",
@@ -254,10 +257,20 @@ def evaluate_cmd(
                 "accuracy": summary["accuracy"],
                 "loss": summary["loss"],
                 "macro F1": summary["macro_f1"],
+                "temperature (val)": c["temperature"],
+                "ECE raw → calibrated": f"{raw['ece']:.2%} → {calibrated['ece']:.2%}",
+                "not sure below": "never" if threshold is None else f"{threshold:.3f}",
+                f"kept (target {selective['target_accuracy']:.0%})": _kept(selective),
             },
         )
     )
     console.print(f"reports written to {summary['eval_dir']}")
+
+
+def _kept(selective: dict) -> str:
+    if selective["accuracy"] is None:
+        return "none"
+    return f"{selective['coverage']:.1%} of the images, {selective['accuracy']:.2%} accurate"
 
 
 @app.command("compare")

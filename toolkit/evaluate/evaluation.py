@@ -26,12 +26,17 @@ from toolkit.atomic import (
 from toolkit.data import DataBundle, Split
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import plots
+from toolkit.evaluate.calibrate import calibrate_run, checkpoint_logits
+from toolkit.evaluate.calibration import (
+    calibration_metrics,
+    reliability_bins,
+    scaled_probs,
+    selective_result,
+)
 from toolkit.evaluate.metrics import compute_metrics, select_failures
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import read_metrics, write_csv_rows
 from toolkit.run.state import EVAL_DIRS, EVAL_RECORD, check_run_data, load_run_data
-from toolkit.train.batches import Normalizer
-from toolkit.train.engine import pick_device, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +46,12 @@ def evaluate_run(
 ) -> dict:
     """Evaluate RUN/best.pt on `split` ("test" or "val") of the run's own data.
 
-    Writes RUN/eval/ (RUN/eval-val/ for val): metrics.json, the classification report, the
-    confusion matrix (CSV + PNG), per_class.csv, the failure gallery and curves.png. Returns
-    a summary: split, run, n, accuracy, loss, macro_f1, checkpoint_epoch, eval_dir.
+    Writes RUN/eval/ (RUN/eval-val/ for val): metrics.json (with the calibration of the raw
+    and the temperature-scaled probabilities), the classification report, the confusion
+    matrix (CSV + PNG), the reliability diagram, per_class.csv, the failure gallery and
+    curves.png; RUN/calibration.json when the run had none for this best.pt. Returns
+    a summary: split, run, n, accuracy, loss, macro_f1, checkpoint_epoch, calibration,
+    eval_dir.
     `data` is the run's data when the caller has it loaded already (it is checked).
     """
     run_dir = Path(run_dir)
@@ -58,9 +66,11 @@ def evaluate_run(
     else:
         check_run_data(run_dir, ckpt, data)
     chosen = _pick_split(data, split, run_dir)
+    calibration = calibrate_run(run_dir, ckpt, data, device)  # fitted on val, never on test
     log.info("evaluating %s (epoch %d) on %s", run_dir / "best.pt", ckpt.epoch, split)
-    logits = _predict(ckpt, chosen, device)
+    logits = checkpoint_logits(ckpt, chosen.images, device)
     metrics = compute_metrics(chosen.labels, logits, ckpt.dataset["classes"])
+    metrics["calibration"] = calibration_report(logits, chosen.labels, calibration)
 
     out = run_dir / EVAL_DIRS[split]
     # A killed evaluation's staging folder; two evaluations of one split at once are not
@@ -72,7 +82,7 @@ def evaluate_run(
     with atomic_folder(out) as staging:
         record = _write_evaluation(staging, run_dir, ckpt, chosen, logits, metrics, split)
     log.info("%s accuracy %.4f, reports in %s", split, metrics["accuracy"], out)
-    keys = ("split", "n", "accuracy", "loss", "macro_f1", "checkpoint_epoch")
+    keys = ("split", "n", "accuracy", "loss", "macro_f1", "checkpoint_epoch", "calibration")
     return {**{k: record[k] for k in keys}, "run": str(run_dir), "eval_dir": str(out)}
 
 
@@ -88,12 +98,25 @@ def _pick_split(data: DataBundle, split: str, run_dir: Path) -> Split:
     return data.test
 
 
-def _predict(ckpt: Checkpoint, split: Split, device: str) -> torch.Tensor:
-    dev = pick_device(device)
-    net = ckpt.build_net().to(dev)
-    # The checkpoint's mean/std, not the bundle's: the model is what it was trained with.
-    normalize = Normalizer(ckpt.dataset["mean"], ckpt.dataset["std"], dev)
-    return predict_logits(net, split.images, normalize, dev)
+def calibration_report(logits: torch.Tensor, labels: torch.Tensor, calibration: dict) -> dict:
+    """How calibrated the raw and the temperature-scaled probabilities are on these images,
+    and what the val-fitted "not sure" threshold keeps of them."""
+    temperature = calibration["temperature"]
+    raw, calibrated = scaled_probs(logits), scaled_probs(logits, temperature)
+    selective = calibration["selective"]
+    return {
+        "temperature": temperature,
+        "fitted_on": calibration["fitted_on"],
+        "raw": {**calibration_metrics(raw, labels), "bins": reliability_bins(raw, labels)},
+        "calibrated": {
+            **calibration_metrics(calibrated, labels),
+            "bins": reliability_bins(calibrated, labels),
+        },
+        "selective": {
+            **selective,
+            **selective_result(calibrated, labels, selective["threshold"]),
+        },
+    }
 
 
 def _write_evaluation(
@@ -108,15 +131,18 @@ def _write_evaluation(
     """Every file of an evaluation into `out`; returns metrics.json's record."""
     classes = list(ckpt.dataset["classes"])
     _write_reports(out, metrics, classes)
-    _write_failures(out, chosen, logits, classes)
+    # With the served (calibrated) confidence: the gallery shows what the app would say.
+    _write_failures(out, chosen, logits / metrics["calibration"]["temperature"], classes)
     title = f"{ckpt.model['name']} · {split} accuracy {metrics['accuracy']:.2%}"
     cm_png = plots.confusion_matrix_png(metrics["confusion"], classes, title)
     atomic_write_bytes(out / "confusion_matrix.png", cm_png)
+    atomic_write_bytes(out / "reliability_diagram.png", _reliability_png(ckpt, split, metrics))
     _write_curves(out, run_dir, ckpt)
     record = {
         "split": split,
         **{k: metrics[k] for k in ("n", "accuracy", "loss", "macro_f1")},
         "per_class_accuracy": {r["class"]: r["accuracy"] for r in metrics["per_class"]},
+        "calibration": metrics["calibration"],
         "checkpoint_epoch": ckpt.epoch,
         "model": ckpt.model,
         "dataset": {k: ckpt.dataset[k] for k in ("name", "image_size", "source", "fingerprint")},
@@ -126,6 +152,16 @@ def _write_evaluation(
     # metrics.json as the mark of a finished evaluation.
     atomic_write_json(out / EVAL_RECORD, record)
     return record
+
+
+def _reliability_png(ckpt: Checkpoint, split: str, metrics: dict) -> bytes:
+    c = metrics["calibration"]
+    raw, calibrated = c["raw"], c["calibrated"]
+    curves = {
+        f"raw (ECE {raw['ece']:.2%})": raw["bins"],
+        f"T = {c['temperature']:.2f} (ECE {calibrated['ece']:.2%})": calibrated["bins"],
+    }
+    return plots.reliability_png(curves, f"{ckpt.model['name']} · {split} · reliability")
 
 
 def _write_reports(out: Path, metrics: dict, classes: list[str]) -> None:

@@ -131,3 +131,43 @@ def curves_png(history: Sequence[dict], best_epoch: int | None = None, title: st
         fig.suptitle(title)
     fig.tight_layout()
     return figure_png(fig)
+
+
+def reliability_png(curves: dict[str, list[dict]], title: str = "") -> bytes:
+    """Reliability diagram: accuracy against confidence per bin, one line per set of
+    probabilities (`curves`: name -> calibration.reliability_bins rows), the diagonal being
+    perfect calibration; beside it, how many predictions fall in each bin."""
+    fig = Figure(figsize=(10, 4.2))
+    ax, counts = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    width = 1 / len(next(iter(curves.values()))) / (len(curves) + 1)
+    for n, (name, rows) in enumerate(curves.items()):
+        filled = [r for r in rows if r["count"]]
+        ax.plot(
+            [r["confidence"] for r in filled],
+            [r["accuracy"] for r in filled],
+            "-o",
+            markersize=4,
+            label=name,
+        )
+        counts.bar(
+            [r["low"] + (n + 0.5) * width for r in rows],
+            [r["count"] for r in rows],
+            width=width,
+            label=name,
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    counts.set_xlim(0, 1)
+    counts.set_xlabel("confidence (top-1 probability)")
+    counts.set_ylabel("predictions")
+    counts.grid(alpha=0.3)
+    counts.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return figure_png(fig)

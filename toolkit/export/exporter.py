@@ -24,6 +24,7 @@ import torch
 
 from toolkit.atomic import atomic_write_bytes, atomic_write_json
 from toolkit.errors import ToolkitError
+from toolkit.evaluate.calibrate import calibrate_run
 from toolkit.export.bench import (
     CPU,
     DEFAULT_TIMING,
@@ -93,9 +94,11 @@ def export_run(
     if triton_dir is not None:
         check_writable(Path(triton_dir), "Triton folder", "--triton")
     data = load_run_data(run_dir, ckpt)
+    calibration = calibrate_run(run_dir, ckpt, data, device="cpu")  # fitted on val
 
-    head = ExportHead(ckpt.build_classifier()).eval()
-    meta = build_metadata(ckpt, count_parameters(head), _test_accuracy(run_dir, ckpt))
+    head = ExportHead(ckpt.build_classifier(), calibration["temperature"]).eval()
+    test_accuracy = _test_accuracy(run_dir, ckpt)
+    meta = build_metadata(ckpt, count_parameters(head), test_accuracy, calibration)
     shape = (int(ckpt.model["in_channels"]), *meta["input_size"])
     model = export_classifier(head, shape, meta, opset)
     model_bytes = model.SerializeToString()

@@ -55,15 +55,19 @@ _QUIET_LOGGERS = (
 
 
 class ExportHead(nn.Module):
-    """classifier -> (logits, softmax): what the ONNX graph computes, also timed in torch."""
+    """classifier -> (logits, softmax(logits / T)): what the ONNX graph computes, also timed
+    in torch. The temperature only calibrates the probabilities: logits, and so every top-1
+    prediction, stay the classifier's; with T = 1 the graph has no division at all."""
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, classifier: nn.Module, temperature: float = 1.0):
         super().__init__()
         self.classifier = classifier
+        self.temperature = float(temperature)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.classifier(image)
-        return logits, torch.softmax(logits, dim=1)
+        scaled = logits if self.temperature == 1.0 else logits / self.temperature
+        return logits, torch.softmax(scaled, dim=1)
 
 
 def max_opset() -> int:
@@ -189,11 +193,15 @@ def export_classifier(
     return model
 
 
-def build_metadata(ckpt: Checkpoint, num_params: int, test_accuracy: float | None) -> dict:
-    """The facts a client needs, as real JSON values (model.json); one source: the checkpoint.
+def build_metadata(
+    ckpt: Checkpoint, num_params: int, test_accuracy: float | None, calibration: dict
+) -> dict:
+    """The facts a client needs, as real JSON values (model.json); one source: the checkpoint
+    and its calibration (toolkit.evaluate.calibrate).
 
     `test_accuracy` is that of `toolkit evaluate` on this very checkpoint, or None.
     """
+    selective = calibration["selective"]
     model, ds = ckpt.model, ckpt.dataset
     meta: dict[str, Any] = {
         "classes": list(ds["classes"]),
@@ -207,6 +215,13 @@ def build_metadata(ckpt: Checkpoint, num_params: int, test_accuracy: float | Non
         "val_accuracy": float(ckpt.best_val_acc),
         "toolkit_version": __version__,
         "preprocessing": dict(PREPROCESSING),
+        # "probs" is softmax(logits / temperature): calibrated on val (1.0: not calibrated).
+        "temperature": float(calibration["temperature"]),
+        "calibrated_on": calibration["fitted_on"],
+        # Below this top-1 probability the predictions kept fall short of the target
+        # accuracy on val: the app says "not sure" (None: it never does).
+        "confidence_threshold": selective["threshold"],
+        "confidence_target": selective["target_accuracy"],
     }
     if test_accuracy is not None:
         meta["test_accuracy"] = float(test_accuracy)

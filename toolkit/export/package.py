@@ -3,6 +3,7 @@
     artifacts/<dataset>-<model>/
         model.onnx  model.json  export-report.json     from RUN/export/
         metrics.json  confusion_matrix.png             from RUN/eval/
+        reliability_diagram.png                        from RUN/eval/
         failures.json  failures/<index>.png            from RUN/eval/ (known failure examples)
     artifacts/examples/<dataset>/<class>_<n>.png       a few real test images per dataset
 
@@ -20,7 +21,7 @@ from toolkit.errors import ToolkitError
 from toolkit.run.folder import read_json
 
 EXPORT_FILES = ("model.onnx", "model.json", "export-report.json")
-EVAL_FILES = ("metrics.json", "confusion_matrix.png", "failures.json")
+EVAL_FILES = ("metrics.json", "confusion_matrix.png", "reliability_diagram.png", "failures.json")
 
 
 def package_run(run_dir: Path, artifacts_dir: Path, name: str | None = None) -> Path:

@@ -18,6 +18,8 @@ from toolkit.progress import progress_bar
 
 # Below this share of identical top-1 predictions the ONNX model is not the trained model.
 REQUIRED_AGREEMENT = 0.999
+# The served (calibrated) probabilities may differ from torch's by float rounding only.
+PROB_TOLERANCE = 1e-4
 
 
 def evaluation_split(data: DataBundle) -> tuple[str, Split]:
@@ -91,7 +93,7 @@ def compare(
 
 def check_parity(comparison: dict, split: str, images: int) -> dict:
     """The verification record of a comparison (compare's dict plus the verdict), or a
-    ToolkitError when ONNX and torch disagree on too many images."""
+    ToolkitError when ONNX and torch disagree on too many images, or on the probabilities."""
     agreement = comparison["top1_agreement"]
     if agreement < REQUIRED_AGREEMENT:
         raise ToolkitError(
@@ -100,10 +102,17 @@ def check_parity(comparison: dict, split: str, images: int) -> dict:
             f"{REQUIRED_AGREEMENT:.1%} is required); nothing was written. Try another "
             "--opset, or report the run's best.pt"
         )
+    if comparison["max_abs_prob_diff"] > PROB_TOLERANCE:
+        raise ToolkitError(
+            f"ONNX and torch probabilities differ by up to {comparison['max_abs_prob_diff']:.3g} "
+            f"on the {split} images (at most {PROB_TOLERANCE:g} is allowed); nothing was "
+            "written. Try another --opset, or report the run's best.pt"
+        )
     return {
         "split": split,
         "images": images,
         **comparison,
         "required_agreement": REQUIRED_AGREEMENT,
+        "prob_tolerance": PROB_TOLERANCE,
         "passed": True,
     }

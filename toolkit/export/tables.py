@@ -82,6 +82,17 @@ EXPORT_LATENCY_COLUMNS = (
 )
 
 
+def _calibration_text(meta: dict) -> str:
+    if meta.get("calibrated_on") is None:
+        return "not calibrated (no val split): softmax(logits)"
+    threshold = meta.get("confidence_threshold")
+    not_sure = "never" if threshold is None else f"below {threshold:.3f}"
+    return (
+        f'softmax(logits / {meta["temperature"]:.3f}), T fitted on val; "not sure" '
+        f"{not_sure} (target {meta['confidence_target']:.0%} accuracy)"
+    )
+
+
 def print_report(report: dict, console: Console) -> None:
     """The export summary, the latency table and the INT8/Triton notes, as rich output."""
     v, s = report["verification"], report["stats"]
@@ -105,6 +116,7 @@ def print_report(report: dict, console: Console) -> None:
             f"{v['split']} images, max |Δlogit| {v['max_abs_logit_diff']:.2e}",
         ),
         ("accuracy", f"torch {v['torch_accuracy']:.4f}, onnx {v['onnx_accuracy']:.4f}"),
+        ("probabilities", _calibration_text(report["metadata"])),
     ):
         summary.add_row(what, value)
     console.print(summary)

@@ -2,8 +2,9 @@
 
 - which epoch is best (`best_row`): the rule fit saves best.pt by, and the one `toolkit
   reproduce` reads metrics.csv with;
-- whether eval/ and export/ describe the current best.pt (`current_evaluation`,
-  `current_export`): the same checkpoint epoch *and* the same data fingerprint;
+- whether eval/, export/ and the calibration describe the current best.pt
+  (`current_evaluation`, `current_export`, `current_calibration`): the same checkpoint epoch
+  *and* the same data fingerprint;
 - the run's own data (`load_run_data`). The policy: evaluation and export use exactly the
   data the model was trained on, loaded with the run's options and seed (so the val carve
   is the same), and refuse when the files have changed since, naming the fix; a report
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 EVAL_DIRS = {"test": "eval", "val": "eval-val"}  # split -> evaluation folder in the run
 EVAL_RECORD = "metrics.json"  # written last by toolkit evaluate
 EXPORT_DIR, EXPORT_REPORT = "export", "export-report.json"  # the report: written last
+CALIBRATION_RECORD = "calibration.json"  # the temperature and threshold fitted on val
 
 
 def best_row(history: Sequence[dict]) -> dict | None:
@@ -61,6 +63,16 @@ def current_export(run_dir: Path, epoch: int, fingerprint: str) -> dict | None:
         return None
     current = checkpoint.get("epoch") == epoch and checkpoint.get("fingerprint") == fingerprint
     return report if current else None
+
+
+def current_calibration(run_dir: Path, epoch: int, fingerprint: str) -> dict | None:
+    """RUN/calibration.json when it was fitted for the checkpoint of `epoch` trained on the
+    data `fingerprint`; None when absent, unreadable or stale."""
+    record = _read_record(Path(run_dir) / CALIBRATION_RECORD)
+    if record is None:
+        return None
+    current = record.get("checkpoint_epoch") == epoch and record.get("fingerprint") == fingerprint
+    return record if current else None
 
 
 def _read_record(path: Path) -> dict | None:

@@ -1,0 +1,85 @@
+"""A run's calibration: the temperature and the "not sure" threshold, fitted once on its val
+split and recorded in RUN/calibration.json for the best.pt they belong to.
+
+`toolkit evaluate` reports them on the test split and `toolkit export` puts them into the
+ONNX model (probs = softmax(logits / T) in the graph, T and the threshold in its metadata);
+whichever runs first fits them, the other reads the record. The test split is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from toolkit.atomic import atomic_write_json
+from toolkit.data import DataBundle
+from toolkit.evaluate.calibration import (
+    SELECTIVE_TARGET,
+    calibration_metrics,
+    fit_temperature,
+    scaled_probs,
+    selective_threshold,
+)
+from toolkit.run.checkpoint import Checkpoint
+from toolkit.run.state import CALIBRATION_RECORD, current_calibration
+from toolkit.train.batches import Normalizer
+from toolkit.train.engine import pick_device, predict_logits
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_logits(ckpt: Checkpoint, images: torch.Tensor, device: str = "auto"):
+    """Logits of the checkpoint's model for uint8 images (normalised as it was trained)."""
+    dev = pick_device(device)
+    normalize = Normalizer(ckpt.dataset["mean"], ckpt.dataset["std"], dev)
+    return predict_logits(ckpt.build_net().to(dev), images, normalize, dev)
+
+
+def calibrate_run(run_dir: Path, ckpt: Checkpoint, data: DataBundle, device: str = "auto") -> dict:
+    """RUN/calibration.json's record for `ckpt`: read when current, else fitted on val."""
+    record = current_calibration(run_dir, ckpt.epoch, ckpt.fingerprint)
+    if record is not None:
+        return record
+    if len(data.val) == 0:
+        log.warning("%s has no val split: its probabilities stay uncalibrated (T = 1)", run_dir)
+        record = {
+            "temperature": 1.0,
+            "fitted_on": None,
+            "note": "no val split (--val-fraction 0): not calibrated, T = 1, no threshold",
+            "selective": {"target_accuracy": SELECTIVE_TARGET, "threshold": None},
+        }
+    else:
+        record = fit_calibration(checkpoint_logits(ckpt, data.val.images, device), data.val.labels)
+        log.info(
+            "calibrated %s on %d val images: T = %.3f, not sure below %s",
+            run_dir,
+            len(data.val),
+            record["temperature"],
+            record["selective"]["threshold"],
+        )
+    record = {**record, "checkpoint_epoch": ckpt.epoch, "fingerprint": ckpt.fingerprint}
+    atomic_write_json(Path(run_dir) / CALIBRATION_RECORD, record)
+    return record
+
+
+def fit_calibration(val_logits: torch.Tensor, val_labels: torch.Tensor) -> dict:
+    """The temperature and the selective threshold of these val logits, with the figures
+    they give on val."""
+    temperature = fit_temperature(val_logits, val_labels)
+    calibrated = scaled_probs(val_logits, temperature)
+    selective = selective_threshold(calibrated, val_labels, SELECTIVE_TARGET)
+    return {
+        "temperature": temperature,
+        "fitted_on": "val",
+        "val_images": len(val_labels),
+        "val_raw": calibration_metrics(scaled_probs(val_logits), val_labels),
+        "val_calibrated": calibration_metrics(calibrated, val_labels),
+        "selective": {
+            "target_accuracy": SELECTIVE_TARGET,
+            "threshold": selective["threshold"],
+            "val_coverage": selective["coverage"],
+            "val_accuracy": selective["accuracy"],
+        },
+    }
