@@ -63,8 +63,10 @@ def main() -> None:
         target = package_run(run_dir, args.out, name)
         metrics = json.loads((target / "metrics.json").read_text())
         config = config_for(experiment, data)
+        c = metrics["calibration"]
         summary.append(
             f"| {name} | {config.model} | {config.epochs} | {metrics['accuracy']:.2%} "
+            f"| {c['temperature']:.3f} | {c['raw']['ece']:.2%} → {c['calibrated']['ece']:.2%} "
             f"| {(target / 'model.onnx').stat().st_size / 1e6:.2f} MB |"
         )
     write_examples(data, args.out / "examples" / "cifar10")
@@ -73,9 +75,10 @@ def main() -> None:
         "Trained on the real CIFAR-10 training images (45,000 train / 5,000 stratified val), "
         "best checkpoint by val accuracy, evaluated once on the official 10,000 test images. "
         "Regenerate with `make artifacts CIFAR10_DIR=path/to/cifar10`.\n\n"
-        "| artifact | model | epochs | test accuracy | ONNX size |\n|---|---|---:|---:|---:|\n"
-        + "\n".join(summary)
-        + "\n"
+        "Probabilities are calibrated: softmax(logits / T), T fitted on the val split "
+        "([benchmarks/calibration.md](../benchmarks/calibration.md)).\n\n"
+        "| artifact | model | epochs | test accuracy | T | ECE raw → calibrated (test) "
+        "| ONNX size |\n|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(summary) + "\n"
     )
     print((args.out / "README.md").read_text())
 

@@ -85,7 +85,6 @@ class Verdict(gr.Label):
         return super().postprocess(value)
 
 
-
 @dataclass
 class Widgets:
     """The components events connect, as built by `_layout`."""

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.synthetic import CIFAR_CLASSES as CIFAR_CLASS_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 REQUIREMENTS = ROOT / "serving" / "requirements.txt"
@@ -50,18 +52,7 @@ INDIRECT = {
 # Imported inside try/except as optional extras nobody has to install.
 OPTIONAL_IMPORTS = {"tritonclient"}
 STARTUP_TIMEOUT_S = 60
-CIFAR_CLASSES = {
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-}
+CIFAR_CLASSES = set(CIFAR_CLASS_NAMES)
 
 
 def normalize(name: str) -> str:
