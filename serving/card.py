@@ -66,15 +66,15 @@ def calibration_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
             "fitted on the val split",
         )
     ]
-    test = _section(_section(metrics, "calibration"), "calibrated")
-    raw = _section(_section(metrics, "calibration"), "raw")
+    evaluated = _section(metrics, "calibration")
+    test, raw = _section(evaluated, "calibrated"), _section(evaluated, "raw")
     if isinstance(test.get("ece"), (int, float)) and isinstance(raw.get("ece"), (int, float)):
         rows.append(("calibration error (ECE, test)", f"{raw['ece']:.2%} raw → {test['ece']:.2%}"))
     threshold = info.get("confidence_threshold")
     if threshold is None:
         rows.append(("not sure", "never: no threshold reaches the target on val"))
         return rows
-    kept = _section(_section(metrics, "calibration"), "selective")
+    kept = _section(evaluated, "selective")
     text = (
         f"below {threshold:.1%} top-1 probability (target {info['confidence_target']:.0%} accuracy)"
     )

@@ -452,6 +452,21 @@ def copy_checkout(dest: Path, parts: list[str]) -> Path:
     return dest
 
 
+def start_group(command: list, cwd: Path) -> subprocess.Popen:
+    """`command` in a process group of its own (stopped by stop_group), output captured, with
+    no Gradio or auth settings of this environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "TOOLKIT_AUTH"))}
+    return subprocess.Popen(
+        [str(c) for c in command],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def stop_group(process: subprocess.Popen) -> str:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
@@ -472,17 +487,8 @@ def test_make_demo_builds_a_torch_free_venv_and_serves(tmp_path):
         ["Makefile", "pyproject.toml", "README.md", "toolkit", "serving", "artifacts"],
     )
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "TOOLKIT_AUTH"))}
     venv_dir = tmp_path / "venv"
-    process = subprocess.Popen(
-        ["make", "demo", f"VENV={venv_dir}", f"PORT={port}"],
-        cwd=checkout,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_group(["make", "demo", f"VENV={venv_dir}", f"PORT={port}"], checkout)
     output = ""
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -519,17 +525,8 @@ def test_the_docker_equivalent_venv_from_the_lock_serves(tmp_path):
     check = subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "TOOLKIT_AUTH"))}
-    command = [str(python), "-m", "serving.app", "--artifacts", "artifacts", "--port", str(port)]
-    process = subprocess.Popen(
-        command,
-        cwd=image,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    command = [python, "-m", "serving.app", "--artifacts", "artifacts", "--port", port]
+    process = start_group(command, image)
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_until_up(url, process, STARTUP_TIMEOUT_S)

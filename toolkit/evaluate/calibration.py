@@ -27,15 +27,21 @@ def scaled_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     return (logits.float() / temperature).softmax(1)
 
 
-def expected_calibration_error(
-    probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS
-) -> float:
-    """Σ_bins (n_bin / n) · |accuracy(bin) − mean confidence(bin)| over equal-width bins of
-    the top-1 confidence, (0, 1/bins], ..., ((bins-1)/bins, 1]."""
+def _binned(probs: torch.Tensor, labels: torch.Tensor, bins: int):
+    """Top-1 confidence, whether it is right, and its bin: (0, 1/bins], ..., ((bins-1)/bins, 1]."""
     confidence, predicted = probs.float().max(1)
     correct = (predicted == labels).float()
     # ceil(c * bins) - 1: a confidence of exactly k/bins belongs to bin k-1, as (a, b] bins.
     index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
+    return confidence, correct, index
+
+
+def expected_calibration_error(
+    probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS
+) -> float:
+    """Σ_bins (n_bin / n) · |accuracy(bin) − mean confidence(bin)| over equal-width bins of
+    the top-1 confidence."""
+    confidence, correct, index = _binned(probs, labels, bins)
     gap = torch.zeros(bins).index_add_(0, index, correct - confidence)
     return float(gap.abs().sum() / len(labels))
 
@@ -43,9 +49,7 @@ def expected_calibration_error(
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> list:
     """Per confidence bin: {"low", "high", "count", "accuracy", "confidence"} (the last two
     None for an empty bin): what the reliability diagram draws."""
-    confidence, predicted = probs.float().max(1)
-    correct = (predicted == labels).float()
-    index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
+    confidence, correct, index = _binned(probs, labels, bins)
     out = []
     for b in range(bins):
         inside = index == b

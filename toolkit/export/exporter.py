@@ -103,7 +103,7 @@ def export_run(
     model = export_classifier(head, shape, meta, opset)
     model_bytes = model.SerializeToString()
 
-    threads = default_threads()
+    threads, cpu = default_threads(), cpu_info()
     split_name, split = evaluation_split(data)
     reference = torch_outputs(head, split.images, threads, description=f"torch · {split_name}")
     session = make_session(model_bytes, CPU, threads)
@@ -128,9 +128,7 @@ def export_run(
     fp32 = {**verification, "latency": latency, "size_bytes": len(model_bytes)}
     variants = []
     if int8:
-        variants.append(
-            int8_variant(model, data.train.images, split, reference, fp32, cpu_info(), plan)
-        )
+        variants.append(int8_variant(model, data.train.images, split, reference, fp32, cpu, plan))
     if fp16:
         variants.append(fp16_variant(model, split, reference, fp32, plan))
     files = {ONNX_FILE: model_bytes, **{v.file: v.payload for v in variants}}
@@ -155,7 +153,7 @@ def export_run(
         },
         "metadata": meta,
         "threads": {"torch": threads, "onnxruntime_intra_op": threads, "onnxruntime_inter_op": 1},
-        "cpu": cpu_info(),
+        "cpu": cpu,
         "runtimes": runtimes(),
         "verification": verification,
         "stats": stats,
