@@ -1,4 +1,5 @@
-# The demo as a slim image: onnxruntime + Gradio serving the shipped models, no torch, no toolkit.
+# The demo as a slim image: onnxruntime + Gradio serving the shipped models, no torch, no toolkit;
+# the inference API (Open Inference Protocol v2, /classify, /metrics) on the same port.
 #
 #   docker build -t toolkit-demo .
 #   docker run --rm -p 7860:7860 toolkit-demo                # then open http://127.0.0.1:7860
@@ -36,8 +37,10 @@ RUN useradd --create-home --uid 10001 app
 USER app
 
 EXPOSE 7860
+# The inference API's readiness probe (no password needed, even with TOOLKIT_AUTH): 200 once
+# every model has loaded and run, and urlopen fails on anything else.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/v2/health/ready', timeout=4)"]
 
 # What makes `docker stop` prompt: it sends STOPSIGNAL to PID 1, and PID 1 is python itself
 # (CMD in exec form: no shell in between to swallow the signal). The kernel delivers a signal

@@ -1,23 +1,23 @@
-"""The Gradio demo: pick a shipped model, upload an image, see the top-5 classes.
+"""The Gradio demo: pick a shipped model, upload an image, see the top-5 classes; and, on the
+same port, the inference API for programs (serving/api.py: Open Inference Protocol v2,
+/classify, health, metrics).
 
     python -m serving.app [--artifacts artifacts] [--host 127.0.0.1] [--port 7860]
                           [--auth user:password] [--share] [--max-upload-mb 10]
+                          [--max-in-flight 16] [--max-queue 64]
 
-`toolkit serve` passes its arguments to `main`: these options are declared once, here.
-It prints the URL it listens on, and warns when the app is reachable from other machines
-(--host beyond loopback) without --auth.
-Only onnxruntime, Gradio, Pillow and numpy are imported (the serving image has no torch). The
-predict function is the public API, `api_name="predict"`: image first, optional model name
-second (default: the most accurate model), a gr.Label value (top label plus {label,
-confidence} pairs) out.
+`toolkit serve` passes its arguments to `main` (the options are declared in
+serving/options.py). It prints the URL it listens on, and warns when the app is reachable
+from other machines (--host beyond loopback) without --auth.
+Only onnxruntime, Gradio, Pillow, numpy, starlette, prometheus-client and orjson are imported
+(the serving image has no torch). The page's predict function is public too,
+`api_name="predict"`: image first, optional model name second (default: the most accurate
+model), a gr.Label value (top label plus {label, confidence} pairs) out.
 """
 
 from __future__ import annotations
 
-import argparse
-import ipaddress
 import logging
-import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -25,18 +25,24 @@ from pathlib import Path
 
 import gradio as gr
 from gradio.components.label import LabelConfidence, LabelData
-from starlette.middleware import Middleware
 
+from serving.api import DEFAULT_MAX_IN_FLIGHT, InferenceApi
 from serving.card import latency_markdown
 from serving.catalog import load_catalog
 from serving.classifier import ArtifactError
 from serving.handlers import TOP_K, DemoHandlers
-from serving.limits import BodyLimit
+from serving.options import (  # noqa: F401 - the command line's helpers, re-exported
+    AUTH_ENV,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_UPLOAD_MB,
+    exposure_warning,
+    is_loopback,
+    parse_args,
+    parse_auth,
+)
 
 log = logging.getLogger(__name__)
 
-AUTH_ENV = "TOOLKIT_AUTH"
-DEFAULT_MAX_UPLOAD_MB = 10.0
 # onnxruntime sessions are thread-safe and each call is milliseconds: a few at once keep
 # concurrent clients from queueing behind each other without oversubscribing the CPU.
 PREDICT_CONCURRENCY = 4
@@ -57,11 +63,12 @@ CSS = (
 @dataclass(frozen=True)
 class Demo:
     """The page and what `launch` must enforce around it: the upload cap and the only files
-    the server may hand out."""
+    the server may hand out; and the inference API served beside it."""
 
     blocks: gr.Blocks
     max_upload_bytes: int
     allowed_paths: list[str]
+    api: InferenceApi
 
 
 # --- the Blocks ---------------------------------------------------------------------------------
@@ -107,11 +114,13 @@ def build_demo(
     *,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     providers: list[str] | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> Demo:
     """The web app for every model under `artifacts_dir`; ArtifactError names a bad file.
 
     Launch it with `launch(demo, ...)`, which applies the upload cap and the narrow set of
-    servable files the Demo carries.
+    servable files the Demo carries, and serves the API beside the page.
     """
     catalog = load_catalog(artifacts_dir, providers)
     max_bytes = int(max_upload_mb * 1e6)
@@ -121,7 +130,10 @@ def build_demo(
     ) as blocks:
         widgets = _layout(handlers, max_upload_mb)
         _wire(widgets, handlers)
-    return Demo(blocks, max_bytes, catalog.servable_paths())
+    # A bounded line for the page too: past it a visitor hears "queue full" at once.
+    blocks.queue(max_size=max_queue)
+    api = InferenceApi(catalog, max_upload_bytes=max_bytes, max_in_flight=max_in_flight)
+    return Demo(blocks, max_bytes, catalog.servable_paths(), api)
 
 
 def _layout(handlers: DemoHandlers, max_upload_mb: float) -> Widgets:
@@ -254,9 +266,12 @@ def launch(
     prevent_thread_lock: bool = False,
     quiet: bool = False,
 ) -> str:
-    """Start the server with the safety settings of `build_demo`; returns the local URL."""
-    # Gradio caps uploaded files only; BodyLimit caps every other request body too.
-    body_limit = Middleware(BodyLimit, max_upload_bytes=demo.max_upload_bytes)
+    """Start the server with the safety settings of `build_demo`; returns the local URL.
+
+    Gradio is built on FastAPI: the API's routes go into the very app that serves the page
+    (one process, one port), matched before Gradio's own, with BodyLimit capping every request
+    body (Gradio caps uploaded files only) and the API's metrics around it.
+    """
     _, url, share_url = demo.blocks.launch(
         server_name=host,
         server_port=port,
@@ -264,7 +279,7 @@ def launch(
         share=share,  # explicit, so $GRADIO_SHARE cannot publish the demo by surprise
         allowed_paths=demo.allowed_paths,
         max_file_size=demo.max_upload_bytes,
-        app_kwargs={"middleware": [body_limit]},
+        app_kwargs=demo.api.app_kwargs(auth),
         enable_monitoring=False,
         ssr_mode=False,
         mcp_server=False,
@@ -280,84 +295,18 @@ def launch(
 # --- command line ----------------------------------------------------------------------------
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    """'user:password' -> (user, password); the password may itself contain ':'."""
-    if not text:
-        return None
-    user, sep, password = text.partition(":")
-    if not (user and sep and password):
-        raise ValueError("--auth must look like user:password")
-    return user, password
-
-
-def is_loopback(host: str) -> bool:
-    """True when `host` only accepts connections from this machine."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:  # a host name may resolve to any interface: assume exposed
-        return False
-
-
-def exposure_warning(host: str, auth: tuple[str, str] | None) -> str | None:
-    """What to tell the person starting a server that other machines can use without a
-    password; None when it is bound to loopback or protected by --auth."""
-    if auth or is_loopback(host):
-        return None
-    return (
-        f"listening on {host}, reachable from other machines, without a password; "
-        f"pass --auth user:password or set ${AUTH_ENV} unless a proxy in front checks access"
-    )
-
-
-def parse_args(argv: list[str] | None, prog: str = "python -m serving.app") -> argparse.Namespace:
-    """The command line (argv=None: sys.argv); --auth falls back to $TOOLKIT_AUTH.
-
-    The one declaration of the server's options: `toolkit serve` passes its arguments here.
-    """
-    parser = argparse.ArgumentParser(prog=prog, description="Serve exported image classifiers.")
-    parser.add_argument(
-        "--artifacts",
-        type=Path,
-        default=Path("artifacts"),
-        help="folder of <dataset>-<model>/ model folders (default: artifacts)",
-    )
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="interface to bind (default 127.0.0.1; 0.0.0.0: every one)",
-    )
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument(
-        "--auth", default=None, help=f"user:password required to use the app (or ${AUTH_ENV})"
-    )
-    parser.add_argument(
-        "--share", action="store_true", help="ask Gradio for a public share link (off by default)"
-    )
-    parser.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=DEFAULT_MAX_UPLOAD_MB,
-        help=f"largest accepted upload (default {DEFAULT_MAX_UPLOAD_MB:g} MB)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        args.auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.max_upload_mb <= 0:
-        parser.error("--max-upload-mb must be positive")
-    return args
-
-
 def main(argv: list[str] | None = None, prog: str = "python -m serving.app") -> None:
     """Parse options, load the artifacts (exit 2 naming a bad file), serve until stopped."""
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("serving").setLevel(logging.INFO)  # ours, not every library's requests
     try:
-        demo = build_demo(args.artifacts, max_upload_mb=args.max_upload_mb)
+        demo = build_demo(
+            args.artifacts,
+            max_upload_mb=args.max_upload_mb,
+            max_in_flight=args.max_in_flight,
+            max_queue=args.max_queue,
+        )
     except ArtifactError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

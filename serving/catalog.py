@@ -141,7 +141,8 @@ def load_catalog(root: str | Path, providers: list[str] | None = None) -> Catalo
 
 def load_model(folder: Path, providers: list[str] | None = None) -> ServedModel:
     """One model folder -> ServedModel, every file checked."""
-    classifier = OnnxClassifier(_required(folder / "model.onnx"), providers)
+    # Served: requests arrive one image at a time, with HTTP work in between (see spin_wait).
+    classifier = OnnxClassifier(_required(folder / "model.onnx"), providers, spin_wait=False)
     info = read_json_object(folder / "model.json")
     for key in CROSS_CHECKED:
         if info.get(key) != classifier.metadata.get(key):

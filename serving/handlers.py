@@ -51,18 +51,21 @@ def _too_big(name: str, size: int, max_bytes: int) -> str:
 NOT_SURE = "not sure"
 
 
-def classify(model: ServedModel, source: bytes | Path, name: str) -> tuple[dict, dict]:
+def classify(
+    model: ServedModel, source: bytes | Path, name: str, k: int = TOP_K
+) -> tuple[dict, dict]:
     """Decode + classify one image -> (a gr.Label value, latency facts).
 
     The label is the top class, or "not sure" when its (calibrated) probability is below the
-    model's confidence threshold; the top-k classes are there either way.
+    model's confidence threshold; the top-k classes are there either way. The page and the
+    API's /classify both answer with this.
     """
     image = open_upload(source, name)
     classifier = model.classifier
     probs, timing = classifier.timed_predict(image)
     timing["providers"] = classifier.providers[0]
     timing["model"] = model.key
-    top = classifier.top_k(probs, TOP_K)
+    top = classifier.top_k(probs, k)
     sure = classifier.is_sure(probs)
     if not sure:
         timing["not_sure"] = {

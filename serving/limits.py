@@ -4,12 +4,15 @@ Gradio limits each *uploaded file* (`max_file_size`), but its JSON routes (queue
 call/<api>) read and parse whatever body arrives: one unauthenticated 200 MB POST grows the
 server by more than 500 MB. `BodyLimit` answers 413 as soon as a declared Content-Length or
 the bytes actually streamed pass the limit, so no request can make the server hold more
-than about the upload cap.
+than about the upload cap. Routes with bodies of their own size (the inference API's tensors
+and image uploads) get their own caps, by path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import json
+import re
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -35,18 +38,32 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimit:
-    """ASGI middleware: an upload may carry one file up to the cap, any other request 1 MiB."""
+    """ASGI middleware: an upload may carry one file up to the cap, a path matching one of
+    `limits` (pattern, bytes) up to its own cap, any other request 1 MiB."""
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_upload_bytes: int,
+        limits: Sequence[tuple[re.Pattern[str], int]] = (),
+    ):
         self.app = app
         self.upload_limit = max_upload_bytes + MULTIPART_SLACK
+        self.limits = limits
+
+    def limit_for(self, path: str) -> int:
+        for pattern, limit in self.limits:
+            if pattern.fullmatch(path):
+                return limit
+        return JSON_BODY_LIMIT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        upload = scope.get("path", "").endswith(UPLOAD_PATH_SUFFIX)
-        limit = self.upload_limit if upload else JSON_BODY_LIMIT
+        path = scope.get("path", "")
+        upload = path.endswith(UPLOAD_PATH_SUFFIX)
+        limit = self.upload_limit if upload else self.limit_for(path)
         declared = declared_length(scope)
         if declared is not None and declared > limit:
             await refuse(send, limit)  # without reading a byte of the body
@@ -88,13 +105,14 @@ def counting(receive: Receive, limit: int) -> Receive:
 
 
 async def refuse(send: Send, limit: int) -> None:
-    body = BodyTooLarge(limit).detail.encode()
+    # JSON, as every error of the inference API is (the page ignores the body of a 413).
+    body = json.dumps({"error": BodyTooLarge(limit).detail}).encode()
     await send(
         {
             "type": "http.response.start",
             "status": 413,
             "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
             ],

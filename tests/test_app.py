@@ -50,9 +50,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_demo(artifacts: Path, **launch_options) -> Iterator[str]:
-    """The app in this process (a server thread) on a free port; closed afterwards."""
-    demo = build_demo(artifacts, max_upload_mb=UPLOAD_CAP_MB)
+def running_demo(
+    artifacts: Path, build_options: dict | None = None, **launch_options
+) -> Iterator[str]:
+    """The app in this process (a server thread) on a free port; closed afterwards.
+    `build_options` go to build_demo (the upload cap defaults to UPLOAD_CAP_MB)."""
+    demo = build_demo(artifacts, **{"max_upload_mb": UPLOAD_CAP_MB, **(build_options or {})})
     url = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True, **launch_options)
     try:
         yield url

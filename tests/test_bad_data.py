@@ -92,11 +92,11 @@ def test_cmyk_jpeg_decodes_close_to_the_right_rgb(tmp_path):
 
 
 def test_a_folder_of_awkward_images_loads_with_nothing_skipped(tmp_path):
-    root = write_image_folder(tmp_path / "f", per_class={"train": 2, "test": 1})
+    root = write_image_folder(tmp_path / "f", per_class={"train": 4, "test": 1})
     for name, (write, _) in VALID.items():
         write(root / "train" / "cat" / name)
     bundle = load_data(DataOptions(data_dir=str(root), data_root=str(tmp_path / "d")))
-    assert len(bundle.train) + len(bundle.val) == 20 + len(VALID)
+    assert len(bundle.train) + len(bundle.val) == 40 + len(VALID)
     assert bundle.skipped == () and bundle.info()["skipped_count"] == 0
 
 
@@ -128,7 +128,7 @@ def _damage_folder(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def bad_folder(tmp_path) -> tuple[Path, dict[str, str]]:
-    root = write_image_folder(tmp_path / "f", per_class={"train": 3, "test": 1}, size=16)
+    root = write_image_folder(tmp_path / "f", per_class={"train": 4, "test": 1}, size=16)
     return root, _damage_folder(root)
 
 
@@ -162,9 +162,9 @@ def test_skip_leaves_the_bad_files_out_warns_and_records_them(bad_folder, caplog
     with caplog.at_level(logging.WARNING, logger="toolkit.data"):
         bundle = load_data(_options(root, "skip"))
     # 3 train images in each of 10 classes, of which cat lost 2 and dog 1
-    assert len(bundle.train) + len(bundle.val) == 30 - 3
+    assert len(bundle.train) + len(bundle.val) == 40 - 3
     labels = torch.cat([bundle.train.labels, bundle.val.labels])
-    assert torch.bincount(labels, minlength=10).tolist() == [3, 3, 3, 1, 3, 2, 3, 3, 3, 3]
+    assert torch.bincount(labels, minlength=10).tolist() == [4, 4, 4, 2, 4, 3, 4, 4, 4, 4]
     assert len(bundle.test) == 10
     assert len(bundle.skipped) == 5
     assert {entry.split(": ", 1)[0] for entry in bundle.skipped} == set(expected)
@@ -205,7 +205,7 @@ def test_a_fixed_or_removed_bad_file_is_picked_up(bad_folder):
 
 
 def test_many_bad_files_are_counted_and_the_first_few_named(tmp_path):
-    root = write_image_folder(tmp_path / "f", per_class={"train": 2, "test": 1}, size=16)
+    root = write_image_folder(tmp_path / "f", per_class={"train": 4, "test": 1}, size=16)
     for name in ("bird", "cat", "deer", "dog", "frog", "horse", "ship"):
         (root / "train" / name / "0000.png").write_bytes(b"")
     with pytest.raises(ToolkitError) as caught:
@@ -216,7 +216,7 @@ def test_many_bad_files_are_counted_and_the_first_few_named(tmp_path):
 
 
 def test_a_split_with_nothing_left_is_an_error_even_when_skipping(tmp_path):
-    root = write_image_folder(tmp_path / "f", per_class={"train": 2, "test": 1}, size=16)
+    root = write_image_folder(tmp_path / "f", per_class={"train": 4, "test": 1}, size=16)
     for path in (root / "test").rglob("*.png"):
         path.write_bytes(b"not an image")
     with pytest.raises(ToolkitError, match=r"no usable images left in the test split; 10 bad"):
@@ -242,7 +242,7 @@ def test_the_policy_must_be_fail_or_skip():
 
 @pytest.fixture
 def split_root(tmp_path) -> Path:
-    return write_split_files(tmp_path / "s", per_class={"train": 2, "test": 1}, size=16)
+    return write_split_files(tmp_path / "s", per_class={"train": 4, "test": 1}, size=16)
 
 
 def _split_options(root: Path, policy: str = "fail") -> DataOptions:
@@ -287,7 +287,7 @@ def test_split_file_problems_are_reported_by_file_and_line(split_root):
 
     bundle = load_data(_split_options(split_root, "skip"))
     # 20 listed images less the truncated one; the other four lines never named a usable image
-    assert len(bundle.train) + len(bundle.val) == 20 - 1
+    assert len(bundle.train) + len(bundle.val) == 40 - 1
     assert len(bundle.skipped) == 5 and all(s.startswith(f"{train}:") for s in bundle.skipped)
 
 
@@ -297,7 +297,7 @@ def test_blank_lines_comments_crlf_whitespace_and_a_bom_are_fine(split_root):
     body = [f"  {line}\t " for line in lines[:10]] + ["", "# a comment", "   "] + lines[10:]
     train.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(body).encode() + b"\r\n\r\n")
     bundle = load_data(_split_options(split_root))
-    assert len(bundle.train) + len(bundle.val) == 20 and bundle.skipped == ()
+    assert len(bundle.train) + len(bundle.val) == 40 and bundle.skipped == ()
 
 
 def test_a_fixed_label_in_a_split_file_rebuilds_the_cache(split_root):
@@ -319,7 +319,7 @@ def test_labels_mixing_zero_and_k_are_an_error_even_when_skipping(split_root):
         load_data(_split_options(split_root, "skip"))
     message = str(caught.value)
     assert f"label 0 ({test}:{n})" in message
-    assert f"label 10 ({split_root / 'train.txt'}:19)" in message  # truck_0, the first 10
+    assert f"label 10 ({split_root / 'train.txt'}:37)" in message  # truck_0, the first 10
 
 
 def test_a_split_file_that_is_not_utf8_is_named(split_root):
@@ -452,4 +452,4 @@ def test_cli_fails_in_one_line_and_records_what_skip_left_out(bad_folder, tmp_pa
     assert config["data"]["bad_files"] == "skip"
     assert config["dataset_info"]["skipped_count"] == 5
     assert {s.split(": ", 1)[0] for s in config["dataset_info"]["skipped_files"]} == set(expected)
-    assert config["sizes"]["train"] + config["sizes"]["val"] == 27
+    assert config["sizes"]["train"] + config["sizes"]["val"] == 37

@@ -169,6 +169,24 @@ def test_evaluate_writes_every_file_and_the_numbers_agree(evaluated):
     assert [r["class"] for r in rows] == classes
     assert [int(r["correct"]) for r in rows] == np.diag(cm).tolist()
     assert [int(r["support"]) for r in rows] == cm.sum(axis=1).tolist()
+    train_counts = metrics["data"]["class_counts"]["train"]
+    assert [int(r["train_images"]) for r in rows] == [train_counts[c] for c in classes]
+    assert sum(train_counts.values()) == read_json(run / "config.json")["sizes"]["train"]
+    assert metrics["data"]["split_is_carved"] is False  # the folder has test/
+    assert metrics["top5_accuracy"] == summary["top5_accuracy"]
+    assert metrics["accuracy"] <= metrics["top5_accuracy"] <= 1
+
+
+def test_top5_accuracy_by_hand_and_none_with_five_classes_or_fewer():
+    labels = torch.tensor([0, 1, 2, 3])
+    # class 0 ranks 1st, class 1 ranks 5th, class 2 ranks 6th, class 3 ranks 2nd
+    order = [[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 1, 0], [0, 1, 3, 4, 5, 2], [0, 3, 1, 2, 4, 5]]
+    logits = torch.zeros(4, 6)
+    for row, ranking in enumerate(order):
+        for rank, c in enumerate(ranking):
+            logits[row, c] = 10.0 - rank
+    assert compute_metrics(labels, logits, list("abcdef"))["top5_accuracy"] == 0.75
+    assert compute_metrics(labels, logits[:, :5], list("abcde"))["top5_accuracy"] is None
 
 
 def test_predictions_match_the_exported_style_classifier(evaluated):
@@ -267,8 +285,6 @@ def test_bad_inputs_raise_toolkit_errors(trained_run, tmp_path):
     with pytest.raises(ToolkitError, match="unknown split 'train'"):
         evaluate_run(run, split="train", device="cpu")
     data = run_data(run)
-    with pytest.raises(ToolkitError, match="--split val"):
-        evaluate_run(run, device="cpu", data=dataclasses.replace(data, test=None))
     with pytest.raises(ToolkitError, match="not the data"):
         evaluate_run(run, device="cpu", data=dataclasses.replace(data, fingerprint="0" * 40))
     with pytest.raises(ToolkitError, match="image size differ"):

@@ -417,13 +417,14 @@ def test_export_and_evaluate_refuse_data_changed_since_training(tmp_path, data_r
     assert not (run / "export" / "model.onnx").exists() and not (run / "eval").exists()
 
 
-def test_verifies_on_val_when_the_source_has_no_test_split(tmp_path, data_root):
+def test_verifies_on_the_carved_test_split_when_the_source_has_none(tmp_path, data_root):
     folder = write_image_folder(tmp_path / "train-only", per_class={"train": 20})
     run = make_run(tmp_path / "run", folder, data_root, "net", {})
     report = export_run(run, timing=FAST)
-    val = load_data(DataOptions(data_dir=str(folder), data_root=str(data_root)), seed=0).val
-    assert report["verification"]["split"] == "val"
-    assert report["verification"]["images"] == len(val) == 20
+    data = load_data(DataOptions(data_dir=str(folder), data_root=str(data_root)), seed=0)
+    assert data.test_is_carved and data.val_is_carved
+    assert report["verification"]["split"] == "test"
+    assert report["verification"]["images"] == len(data.test) == 20  # 10 % of 20 per class
 
 
 # --- a trained run ---------------------------------------------------------------------------

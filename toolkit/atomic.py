@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 from toolkit import seams
 from toolkit.errors import ToolkitError
 
@@ -142,6 +140,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_torch_save(path: Path, obj: Any) -> None:
     # Through a Python file object, not a path: torch's own file writer reports a full disk
     # as a bare RuntimeError, a Python write keeps the OSError (and its errno) behind it.
+    import torch  # here, not at the top: the torch-free commands write text files too
+
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 

@@ -6,7 +6,6 @@ Errors a user can cause arrive as ToolkitError and leave as one red line with ex
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import sys
 from pathlib import Path
@@ -16,9 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from toolkit.cli_options import with_declared_options
 from toolkit.data.specs import DataOptions
 from toolkit.errors import ToolkitError
-from toolkit.options import Declared, declared
+from toolkit.options import declared, given_values
 from toolkit.train.config import ModelOptions, TrainConfig
 
 app = typer.Typer(
@@ -130,49 +130,6 @@ def models_cmd(
     console.print(_table(f"models ({num_classes} classes, {image_size}x{image_size})", rows))
 
 
-# --- options derived from their declarations --------------------------------------------------
-
-
-def _typer_parameter(opt: Declared) -> inspect.Parameter:
-    """One declared option as a Typer parameter: its flag, type, default and help. A recipe
-    option defaults to None: the recipe's value unless the flag is given."""
-    negatable = f"{opt.spelling}/--no-{opt.spelling[2:]}"
-    decls = [negatable] if opt.type is bool else [opt.spelling]
-    by_recipe = opt.flag.recipe
-    help_text = opt.flag.help + (" (default: the recipe's)" if by_recipe else "")
-    option = typer.Option(
-        None if by_recipe else opt.default, *decls, help=help_text, show_default=not by_recipe
-    )
-    return inspect.Parameter(
-        opt.name,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=option,
-        annotation=Path if opt.flag.path else opt.type,
-    )
-
-
-def with_declared_options(*groups: list[Declared]):
-    """Give a command taking `**flags` a Typer parameter per declared option, after its own
-    parameters: Typer reads the function's signature, so no flag is listed by hand."""
-
-    def decorate(fn):
-        own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
-        extra = [_typer_parameter(o) for group in groups for o in group]
-        fn.__signature__ = inspect.Signature([*own, *extra])
-        return fn
-
-    return decorate
-
-
-def _values(options: list[Declared], flags: dict) -> dict:
-    """The given values of `options`; paths made absolute so a run works from any folder."""
-    out = {}
-    for opt in options:
-        value = flags[opt.name]
-        out[opt.name] = str(Path(value).resolve()) if opt.flag.path and value else value
-    return out
-
-
 # --- train -----------------------------------------------------------------------------------
 
 
@@ -198,13 +155,7 @@ def train_cmd(
             raise ToolkitError(
                 "name a model to train, e.g. `toolkit train net` (see `toolkit models`)"
             )
-        config = TrainConfig.from_recipe(
-            model,
-            DataOptions(**_values(declared(DataOptions), flags)),
-            model_options=_values(declared(ModelOptions), flags),
-            **_values(declared(TrainConfig), flags),
-        )
-        result = fit(config, run_dir=run_dir)
+        result = fit(TrainConfig.from_options(model, **flags), run_dir=run_dir)
     if not result.is_main:  # under torchrun only rank 0 reports
         return
     console.print(
@@ -255,6 +206,8 @@ def evaluate_cmd(
                 "split": summary["split"],
                 "images": summary["n"],
                 "accuracy": summary["accuracy"],
+                "top-5 accuracy": summary["top5_accuracy"] or "— (5 classes or fewer)",
+                **_tta_row(summary.get("tta")),
                 "loss": summary["loss"],
                 "macro F1": summary["macro_f1"],
                 "temperature (val)": c["temperature"],
@@ -264,7 +217,18 @@ def evaluate_cmd(
             },
         )
     )
+    if summary["data"]["split_is_carved"]:
+        console.print(
+            f"[yellow]the {summary['split']} images were held out from train (the data has no "
+            f"{summary['split']} split); say so when quoting this accuracy[/yellow]"
+        )
     console.print(f"reports written to {summary['eval_dir']}")
+
+
+def _tta_row(tta: dict | None) -> dict:
+    if not tta or not tta.get("level"):
+        return {}
+    return {f"accuracy with TTA ({tta['views']} views)": tta["accuracy"]}
 
 
 def _kept(selective: dict) -> str:
@@ -306,7 +270,7 @@ def reproduce_cmd(
 
     from toolkit.reproduce import build_plan, execute, plan_lines
 
-    data = DataOptions(**_values(declared(DataOptions), flags))
+    data = DataOptions(**given_values(declared(DataOptions), flags))
     out = out or Path("reports") / data.dataset
     plan = build_plan(data.dataset, recipe, out, data, epochs=epochs, device=device, only=only)
     if dry_run:
@@ -341,13 +305,16 @@ def export_cmd(
     opset: int = typer.Option(
         None, help="ONNX opset, 15 up to the newest torch.onnx writes (default 17)."
     ),
+    tta: bool = typer.Option(
+        False, "--tta", help="Average the run's test-time augmentation views inside the graph."
+    ),
 ):
     """Export RUN/best.pt to ONNX, verify parity on the test split, measure size and latency."""
     from toolkit.export import export_run, print_report
     from toolkit.run.folder import resolve_run
 
     report = export_run(
-        resolve_run(run), out_dir=out, int8=int8, fp16=fp16, triton_dir=triton, opset=opset
+        resolve_run(run), out, int8=int8, fp16=fp16, triton_dir=triton, opset=opset, tta=tta
     )
     print_report(report, console)
 
@@ -374,6 +341,43 @@ def package_cmd(
 
     target = package_run(resolve_run(run), artifacts, name)
     console.print(f"packaged into {target}; serve with: toolkit serve --artifacts {artifacts}")
+
+
+# --- predict ---------------------------------------------------------------------------------
+
+
+@app.command("predict")
+@friendly_errors
+def predict_cmd(
+    sources: list[str] = typer.Argument(None, help="Image files, folders (recursive), globs."),
+    model: str = typer.Option(
+        None, help="artifacts/NAME, a run folder or a .onnx (default: the best under artifacts/)."
+    ),
+    top_k: int = typer.Option(5, help="Classes shown per image (at most the model's)."),
+    out: Path = typer.Option(None, help="Write the rows to this .csv or .jsonl, not stdout."),
+    batch_size: int = typer.Option(256, help="Images per onnxruntime batch."),
+):
+    """Classify image files with an exported model (onnxruntime, no torch); exit 1 if any
+    file was skipped. In class folders named like the model's classes, print the accuracy."""
+    from toolkit.predict import check_output, format_row, load_model, predict, summary
+    from toolkit.predict import write_predictions as write
+
+    if out is not None:
+        check_output(out)
+    classifier = load_model(model)
+    rows = predict(sources or [], classifier, top_k, batch_size, progress=True)
+    skipped = [r for r in rows if not r.ok]
+    if out is None:
+        typer.echo("".join(format_row(r) + "\n" for r in rows if r.ok), nl=False)
+    else:
+        write(out, rows, min(top_k, len(classifier.classes)))
+    for r in skipped:
+        err_console.print(
+            f"skipped {r.path}: {r.error}", markup=False, highlight=False, soft_wrap=True
+        )
+    err_console.print(summary(rows, classifier, out), markup=False, highlight=False, soft_wrap=True)
+    if skipped:
+        raise typer.Exit(1)
 
 
 # --- serve -----------------------------------------------------------------------------------

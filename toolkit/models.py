@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import ToolkitError
+from toolkit.speedrun import SpeedrunNet
 
 
 @dataclass(frozen=True)
@@ -320,3 +321,17 @@ def build_resnet9(num_classes, input_size, in_channels, width=64, dropout=0.0):
         layers.append(nn.Dropout(dropout))
     layers += [nn.Linear(w4, num_classes, bias=False), Scale(RESNET9_HEAD_SCALE)]
     return nn.Sequential(*layers)
+
+
+@register(
+    "speedrun",
+    "airbench-style fast net: frozen 2x2 patch-whitening conv (set from training images), "
+    "GELU, 3 conv groups w, 4w, 4w (dirac init, max pool, BN with frozen scale), global max "
+    "pool, linear head x 1/9",
+    options=("width",),
+    width=64,
+)
+def build_speedrun(num_classes, input_size, in_channels, width=64):
+    # The whitening conv (2x2, no padding) takes a pixel off, then three 2x pools.
+    _after_pools(input_size - 1, 3, name="speedrun")
+    return SpeedrunNet(num_classes=num_classes, in_channels=in_channels, width=width)

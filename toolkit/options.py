@@ -19,6 +19,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -64,6 +65,17 @@ def declared(cls: type) -> list[Declared]:
         if "flag" in f.metadata:
             default = None if f.default is dataclasses.MISSING else f.default
             out.append(Declared(f.name, _value_type(hints[f.name]), default, f.metadata["flag"]))
+    return out
+
+
+def given_values(options: list[Declared], values: dict) -> dict:
+    """The values of `options` that `values` holds; paths made absolute, so a run started
+    from one folder works from any other."""
+    out = {}
+    for opt in options:
+        if opt.name in values:
+            value = values[opt.name]
+            out[opt.name] = str(Path(value).resolve()) if opt.flag.path and value else value
     return out
 
 

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,11 +36,17 @@ class _Bar:
 
 @contextmanager
 def progress_bar(
-    total: int, description: str, status: str = "", enabled: bool = True
+    total: int,
+    description: str,
+    status: str = "",
+    enabled: bool = True,
+    console: Console | None = None,
 ) -> Iterator[_Bar]:
     """A rich progress bar with a free-form `status` field (loss, acc, img/s...).
 
-    `enabled=False` (a torchrun rank other than 0) and TOOLKIT_PROGRESS=0 show nothing.
+    `enabled=False` (a torchrun rank other than 0) and TOOLKIT_PROGRESS=0 show nothing;
+    `console` is where it draws (default rich's, on stdout; a stderr one keeps stdout for
+    results, as `toolkit predict` prints them).
     """
     if not (enabled and progress_enabled()):
         yield _Bar(None, None)
@@ -53,6 +60,6 @@ def progress_bar(
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
     ]
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, status=status)
         yield _Bar(progress, task)

@@ -45,6 +45,8 @@ class Seam:
 FILL_TEMP = Seam("fill_temp", "fd, tmp, write")
 # toolkit.atomic: a complete temporary file or folder `tmp` is about to be renamed to `path`.
 BEFORE_RENAME = Seam("before_rename", "tmp, path")
+# toolkit.predict: `done` of `total` files are classified (a batch has just finished).
+PREDICT_BATCH = Seam("predict_batch", "done, total")
 # toolkit.train.trainer: epoch `epoch` (1-based) is about to start.
 EPOCH_START = Seam("epoch_start", "epoch")
 # toolkit.train.engine: training step `step` (1-based within the epoch) has its normalised,

@@ -8,7 +8,9 @@ bad-file reports, decoding and the decode-once cache.
 from toolkit.lazy import lazy_exports
 
 EXPORTS = {
-    "sources": ("DATA_ENV", "carve_val", "default_data_root", "load_data"),
+    "carve": ("carve_val",),
+    "mapped": ("MappedImages",),
+    "sources": ("DATA_ENV", "default_data_root", "load_data"),
     "specs": (
         "BAD_FILE_POLICIES",
         "DATASETS",
@@ -17,6 +19,7 @@ EXPORTS = {
         "DatasetSpec",
         "Split",
         "get_spec",
+        "spec_for_classes",
     ),
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, EXPORTS)

@@ -13,14 +13,17 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from toolkit.atomic import atomic_torch_save
+from toolkit.data.mapped import MappedImages, chunks
 from toolkit.data.specs import DatasetSpec
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
+SPLITS = ("train", "val", "test")
 
 
 def cache_path(data_root: Path, spec: DatasetSpec, source: dict, size: int, listing: str) -> Path:
@@ -58,12 +61,53 @@ def content_fingerprint(tensors: dict) -> str:
     whenever a pixel or a label does.
     """
     digest = hashlib.sha1()
-    for split in sorted(k for k in tensors if k in ("train", "val", "test")):
+    for split in sorted(k for k in tensors if k in SPLITS):
         images, labels = tensors[split]
         digest.update(split.encode())
-        digest.update(images.contiguous().numpy().tobytes())
+        for block in chunks(images):  # hashed in blocks: the same digest as all at once
+            digest.update(np.ascontiguousarray(block).tobytes())
         digest.update(labels.contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def channel_stats(images) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) std of uint8 images scaled to [0, 1], accumulated in
+    float64 block by block: no float copy of the whole set."""
+    total = np.zeros(images.shape[1])
+    squares = np.zeros(images.shape[1])
+    for block in chunks(images):
+        block = block.astype(np.float64) / 255
+        total += block.sum(axis=(0, 2, 3))
+        squares += np.square(block).sum(axis=(0, 2, 3))
+    n = len(images) * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares - n * mean**2, 0) / max(n - 1, 1))
+    return mean.tolist(), std.tolist()
+
+
+# --- memory-mapped images (toolkit.data.mapped) stored beside the cache file -----------------
+
+
+def mapped_file(cache_file: Path, split: str) -> Path:
+    return cache_file.with_name(f"{cache_file.stem}.{split}.npy")
+
+
+def _on_disk(tensors: dict) -> dict:
+    """What torch.save writes: mapped images become a note of their .npy file and rows."""
+    out = dict(tensors)
+    for split in SPLITS:
+        if split in out and isinstance(out[split][0], MappedImages):
+            images, labels = out[split]
+            out[split] = ({"npy": images.path.name, "rows": images.rows}, labels)
+    return out
+
+
+def _from_disk(cached: dict, cache_file: Path) -> dict:
+    for split in SPLITS:
+        if split in cached and isinstance(cached[split][0], dict):
+            note, labels = cached[split]
+            cached[split] = (MappedImages(cache_file.parent / note["npy"], note["rows"]), labels)
+    return cached
 
 
 def load_or_build(cache_file: Path, build: Callable[[], dict]) -> dict:
@@ -74,17 +118,17 @@ def load_or_build(cache_file: Path, build: Callable[[], dict]) -> dict:
             cached = torch.load(cache_file, map_location="cpu", weights_only=True)
             if cached.get("cache_version") == CACHE_VERSION:
                 log.info("loaded decoded tensors from cache %s", cache_file)
-                return cached
-        except Exception as exc:  # a damaged cache is rebuilt, never trusted
+                return _from_disk(cached, cache_file)
+        except Exception as exc:  # a damaged cache (or its .npy) is rebuilt, never trusted
             log.warning("ignoring unreadable cache %s (%s)", cache_file, exc)
     built = build()
     built["content_sha1"] = content_fingerprint(built)
-    train = built["train"][0].float().div_(255)
-    built["mean"] = train.mean(dim=(0, 2, 3)).tolist()
-    built["std"] = train.std(dim=(0, 2, 3)).tolist()
+    built["mean"], built["std"] = channel_stats(built["train"][0])
     built["cache_version"] = CACHE_VERSION
     try:
-        atomic_torch_save(cache_file, built)
+        # Mapped images are already in their .npy files: the cache file, written last and
+        # atomically, is what makes them count.
+        atomic_torch_save(cache_file, _on_disk(built))
     except OSError as exc:  # a read-only cache folder only costs time
         log.warning("could not write cache %s (%s)", cache_file, exc)
     return built

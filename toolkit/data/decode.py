@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from serving.preprocess import prepare
 from toolkit.data.listing import Listed
+from toolkit.data.mapped import MappedImages
 from toolkit.errors import ToolkitError, first_line
 from toolkit.progress import progress_bar
 
@@ -99,13 +101,26 @@ def _decode_one(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
         return None, exc.reason
 
 
-def decode_files(paths: list[Path], size: int, what: str) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode many files in parallel threads (PIL releases the GIL while decoding).
+# Where a split's decoded images go: (split, count, size) -> a count×3×size×size uint8 array,
+# in memory or memory-mapped on disk (toolkit.data.mapped).
+Allocate = Callable[[str, int, int], np.ndarray]
+
+
+def in_memory(split: str, count: int, size: int) -> np.ndarray:
+    return np.empty((count, 3, size, size), dtype=np.uint8)
+
+
+def decode_files(
+    paths: list[Path], size: int, what: str, out: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode many files in parallel threads (PIL releases the GIL while decoding) into `out`
+    (default: a new array).
 
     Returns the images that decoded, in order, and {index: why} for the files that did not:
     one pass finds every bad file.
     """
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    out = in_memory("", len(paths), size) if out is None else out
+    kept = 0  # images are written in order, bad files leave no gap
     failures: dict[int, str] = {}
     with (
         ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool,
@@ -115,20 +130,20 @@ def decode_files(paths: list[Path], size: int, what: str) -> tuple[np.ndarray, d
             block = paths[start : start + DECODE_CHUNK]
             for i, (array, why) in enumerate(pool.map(lambda p: _decode_one(p, size), block)):
                 if why is None:
-                    out[start + i] = array.transpose(2, 0, 1)
+                    out[kept] = array.transpose(2, 0, 1)
+                    kept += 1
                 else:
                     failures[start + i] = why
             bar.advance(len(block))
-    if failures:
-        out = np.delete(out, list(failures), axis=0)
-    return out, failures
+    return out[:kept], failures
 
 
-def decode_listed(listed: dict[str, Listed], size: int) -> dict:
+def decode_listed(listed: dict[str, Listed], size: int, allocate: Allocate = in_memory) -> dict:
     """Decode every split; the result also holds every bad file found, as 'where: why'."""
     out, bad = {}, []
     for split, entry in listed.items():
-        images, failures = decode_files(entry.paths, size, f"{split} images")
+        target = allocate(split, len(entry.paths), size)
+        images, failures = decode_files(entry.paths, size, f"{split} images", target)
         labels = np.delete(entry.labels, list(failures))
         bad += entry.bad + [entry.failure(i, why) for i, why in failures.items()]
         if not len(labels):
@@ -159,4 +174,8 @@ def apply_bad_file_policy(bad: list[str], policy: str) -> None:
 
 
 def as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) as tensors; images decoded into a memory-mapped file stay there."""
+    if isinstance(images, np.memmap):
+        images.flush()
+        return MappedImages(Path(images.filename), len(images)), torch.from_numpy(labels)
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)

@@ -66,17 +66,9 @@ def _is_system_file(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_FILES
 
 
-def _class_folders(split_dir: Path, spec: DatasetSpec) -> list[str]:
-    found = sorted(
-        p.name for p in split_dir.iterdir() if p.is_dir() and not _is_system_file(p.name)
-    )
-    unknown = sorted(set(found) - set(spec.classes))
-    if unknown or not found:
-        raise ToolkitError(
-            f"'{split_dir}' should hold one folder per {spec.name} class "
-            f"({', '.join(spec.classes)}); found: {', '.join(found) or 'none'}"
-        )
-    return found
+def class_folders(split_dir: Path) -> list[str]:
+    """The class folders of one split, sorted by name (hidden and system folders left out)."""
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not _is_system_file(p.name))
 
 
 def _list_class_folder(folder: Path) -> tuple[list[Path], list[BadFile]]:
@@ -99,8 +91,15 @@ def _list_class_folder(folder: Path) -> tuple[list[Path], list[BadFile]]:
 
 
 def scan_image_folder(split_dir: Path, spec: DatasetSpec) -> Listed:
-    """<split_dir>/<class>/<image>: class folders must be the spec's classes."""
-    present = set(_class_folders(split_dir, spec))
+    """<split_dir>/<class>/<image>: every class folder must be one of the spec's classes (a
+    val/ or test/ may lack some; train/'s folders are what named them)."""
+    present = class_folders(split_dir)
+    unknown = sorted(set(present) - set(spec.classes))
+    if unknown:
+        raise ToolkitError(
+            f"'{split_dir}' has class folders that train/ has not: {', '.join(unknown)}; "
+            f"the classes are {', '.join(spec.classes)}"
+        )
     paths, labels, bad = [], [], []
     for label, name in enumerate(spec.classes):
         if name in present:
@@ -111,6 +110,13 @@ def scan_image_folder(split_dir: Path, spec: DatasetSpec) -> Listed:
     if not paths:
         raise ToolkitError(f"no images found under '{split_dir}'")
     return Listed(paths, np.asarray(labels, dtype=np.int64), bad)
+
+
+def read_class_names(path: Path) -> list[str]:
+    """classes.txt: one class name per line, in label order; blank lines and '#' comments
+    are skipped."""
+    lines = (line.strip() for line in _read_text_lines(path))
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 @dataclass

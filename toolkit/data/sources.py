@@ -1,4 +1,4 @@
-"""Loading a dataset: the three kinds of source, the decode-once cache, the val carve.
+"""Loading a dataset: the three kinds of source, the decode-once cache, test and val carves.
 
     DataOptions --source--> uint8 N×C×H×W tensors (cached on disk) --carve--> DataBundle
 
@@ -6,8 +6,15 @@ Sources, all real:
 - download: torchvision's archive of the official files into the data root, read by our own
   readers (CIFAR-10 python batches, STL-10 binaries), so synthetic files in those formats
   are read exactly like the real ones;
-- image folder (`--data-dir`): train/ and test/ (optional val/) with one sub-folder per class;
-- split files (`--splits`): train.txt / val.txt / test.txt, lines `relative/path label`.
+- image folder (`--data-dir`): train/ (optional val/, test/) with one sub-folder per class,
+  any names: exactly CIFAR-10's or STL-10's keep that dataset and its class order, others
+  make a dataset of their own, classes sorted (toolkit.data.specs.spec_for_classes);
+- split files (`--splits`): train.txt (optional val.txt, test.txt), lines `relative/path
+  label`, the labels naming classes.txt's lines (else --dataset's classes).
+
+A source without test or val has them carved from train (toolkit.data.carve), said loudly and
+recorded in the bundle. Images past the memory budget are decoded into memory-mapped files
+(toolkit.data.mapped).
 
 mean/std are computed from the source's training split and stored with the cache; nothing
 here (or anywhere) pastes them.
@@ -31,13 +38,37 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from toolkit.data import cache
-from toolkit.data.decode import apply_bad_file_policy, as_tensors, decode_listed, resize_array
+from toolkit.data.carve import TEST_SEED, carve, check_enough_per_class
+from toolkit.data.decode import (
+    Allocate,
+    apply_bad_file_policy,
+    as_tensors,
+    decode_listed,
+    in_memory,
+    resize_array,
+)
 from toolkit.data.formats import read_cifar10_batches, read_stl10_binary
-from toolkit.data.listing import label_base, parse_split_file, scan_image_folder, split_listing
-from toolkit.data.specs import DataBundle, DataOptions, DatasetSpec, Split, get_spec
+from toolkit.data.listing import (
+    class_folders,
+    label_base,
+    parse_split_file,
+    read_class_names,
+    scan_image_folder,
+    split_listing,
+)
+from toolkit.data.mapped import decoded_bytes, memory_budget_bytes, take
+from toolkit.data.specs import (
+    DataBundle,
+    DataOptions,
+    DatasetSpec,
+    Split,
+    get_spec,
+    spec_for_classes,
+)
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
@@ -68,12 +99,12 @@ def download_official(spec: DatasetSpec, root: Path) -> None:
     except Exception as exc:  # no network, proxy, disk full...
         raise ToolkitError(
             f"could not download {spec.name} into '{root}' ({type(exc).__name__}: {exc}). "
-            f"Connect to the internet and retry, or pass --data-dir DIR (train/ and test/ "
-            f"folders with one sub-folder per class) or --splits DIR (train.txt, test.txt)"
+            f"Connect to the internet and retry, or pass --data-dir DIR (train/, optional "
+            f"val/ and test/, one sub-folder per class) or --splits DIR (train.txt, ...)"
         ) from exc
 
 
-def _source_for(options: DataOptions, spec: DatasetSpec) -> tuple[dict, Path]:
+def _source_for(options: DataOptions) -> tuple[dict, Path]:
     """Describe the source and where its cache lives."""
     root = Path(options.data_root) if options.data_root else default_data_root()
     if options.data_dir and options.splits:
@@ -82,7 +113,29 @@ def _source_for(options: DataOptions, spec: DatasetSpec) -> tuple[dict, Path]:
         return {"kind": "folder", "path": str(Path(options.data_dir).resolve())}, root
     if options.splits:
         return {"kind": "splits", "path": str(Path(options.splits).resolve())}, root
-    return {"kind": "official", "path": str((root / DOWNLOADS[spec.name][0]).resolve())}, root
+    folder = DOWNLOADS[get_spec(options.dataset).name][0]
+    return {"kind": "official", "path": str((root / folder).resolve())}, root
+
+
+def _dataset_of(options: DataOptions, kind: str, path: Path) -> DatasetSpec:
+    """An image folder's classes are its train/ folders; split files' are their classes.txt,
+    else --dataset's; the official files are --dataset."""
+    if kind == "folder":
+        if not path.is_dir():
+            raise ToolkitError(f"data folder '{path}' does not exist")
+        if not (path / "train").is_dir():
+            raise ToolkitError(
+                f"'{path}' has no train/ folder; expected train/<class>/<image> (and "
+                "optionally val/ and test/ alike)"
+            )
+        return spec_for_classes(class_folders(path / "train"), path.name, str(path / "train"))
+    if kind == "splits":
+        if not path.is_dir():
+            raise ToolkitError(f"split folder '{path}' does not exist")
+        names = path / "classes.txt"
+        if names.is_file():
+            return spec_for_classes(read_class_names(names), path.name, str(names), ordered=True)
+    return get_spec(options.dataset)
 
 
 def _build_official(spec: DatasetSpec, root: Path, size: int, download: bool):
@@ -109,21 +162,15 @@ def _build_official(spec: DatasetSpec, root: Path, size: int, download: bool):
     }
 
 
-def _build_folder(spec: DatasetSpec, root: Path, size: int):
-    if not root.is_dir():
-        raise ToolkitError(f"data folder '{root}' does not exist")
+def _list_folder(spec: DatasetSpec, root: Path):
     splits = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
-    if "train" not in splits:
-        raise ToolkitError(
-            f"'{root}' has no train/ folder; expected train/<class>/*.png and test/<class>/..."
-        )
     listed = {s: scan_image_folder(d, spec) for s, d in splits.items()}
     images = [p for entry in listed.values() for p in entry.paths]
     others = [Path(b.file) for entry in listed.values() for b in entry.bad]
-    return cache.listing_key(images + others), lambda: decode_listed(listed, size)
+    return cache.listing_key(images + others), listed
 
 
-def _build_splits(spec: DatasetSpec, root: Path, size: int):
+def _list_splits(spec: DatasetSpec, root: Path):
     files = {
         s: root / f"{s}.txt" for s in ("train", "val", "test") if (root / f"{s}.txt").is_file()
     }
@@ -132,74 +179,96 @@ def _build_splits(spec: DatasetSpec, root: Path, size: int):
     parsed = {s: parse_split_file(p) for s, p in files.items()}
     base = label_base(parsed, spec.num_classes)
     listed = {s: split_listing(f, base, spec.num_classes) for s, f in parsed.items()}
-    # The split files themselves are watched too: a fixed label must rebuild the cache.
+    # The split files (and the class names) are watched too: a fixed label rebuilds the cache.
+    watched = list(files.values()) + [root / "classes.txt"]
     images = [p for entry in listed.values() for p in entry.paths]
-    return cache.listing_key(list(files.values()) + images), lambda: decode_listed(listed, size)
-
-
-def carve_val(
-    labels: torch.Tensor, fraction: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified, seeded split of train indices into (train, val)."""
-    if not 0.0 < fraction < 1.0:
-        raise ToolkitError(f"--val-fraction must be between 0 and 1, got {fraction}")
-    generator = torch.Generator().manual_seed(seed)
-    train_idx, val_idx = [], []
-    for c in labels.unique(sorted=True).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        n_val = int(round(len(idx) * fraction))
-        if len(idx) > 1:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        val_idx.append(idx[:n_val])
-        train_idx.append(idx[n_val:])
-    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+    return cache.listing_key(watched + images), listed
 
 
 def load_data(options: DataOptions, seed: int = 0) -> DataBundle:
-    """Resolve the source, decode (or read the cache), carve val when the source has none."""
-    spec = get_spec(options.dataset)
+    """Resolve the source, decode (or read the cache), carve test and val when the source
+    has none."""
+    source, data_root = _source_for(options)
+    path = Path(source["path"])
+    spec = _dataset_of(options, source["kind"], path)
     size = options.image_size or spec.default_size
     if size < 8:
         raise ToolkitError(f"--image-size must be at least 8, got {size}")
-    source, data_root = _source_for(options, spec)
-    path = Path(source["path"])
-    if source["kind"] == "folder":
-        listing, build = _build_folder(spec, path, size)
-    elif source["kind"] == "splits":
-        if not path.is_dir():
-            raise ToolkitError(f"split folder '{path}' does not exist")
-        listing, build = _build_splits(spec, path, size)
-    else:
+    if source["kind"] == "official":
         listing, build = _build_official(spec, data_root, size, options.download)
+        file = cache.cache_path(data_root, spec, source, size, listing)
+    else:
+        lister = _list_folder if source["kind"] == "folder" else _list_splits
+        listing, listed = lister(spec, path)
+        file = cache.cache_path(data_root, spec, source, size, listing)
+        allocate = _allocator(file, listed, size, options.memory_gb)
+        build = lambda: decode_listed(listed, size, allocate)  # noqa: E731
 
-    tensors = cache.load_or_build(cache.cache_path(data_root, spec, source, size, listing), build)
+    tensors = cache.load_or_build(file, build)
     # Caches from before bad files were recorded hold none: they were only written when
     # every listed file decoded.
     bad = list(tensors.get("bad_files", []))
     apply_bad_file_policy(bad, options.bad_files)
+    return _carved_bundle(tensors, options, spec, size, source, seed, tuple(bad))
 
-    train_images, train_labels = tensors["train"]
-    if "val" in tensors:
-        val = Split(*tensors["val"])
-        train = Split(train_images, train_labels)
-        carved = False
-    else:
-        tr, va = carve_val(train_labels, options.val_fraction, seed)
-        train = Split(train_images[tr], train_labels[tr])
-        val = Split(train_images[va], train_labels[va])
-        carved = True
-    test = Split(*tensors["test"]) if "test" in tensors else None
+
+def _allocator(cache_file: Path, listed: dict, size: int, memory_gb: float | None) -> Allocate:
+    """In memory, or memory-mapped files beside the cache when the decoded images would
+    exceed the memory budget."""
+    count = sum(len(entry.paths) for entry in listed.values())
+    need, budget = decoded_bytes(count, size), memory_budget_bytes(memory_gb)
+    if need <= budget:
+        return in_memory
+    log.warning(
+        "the decoded images (%.2f GB) exceed the memory budget (%.2f GB, --memory-gb): they "
+        "stay on disk beside the cache, memory-mapped",
+        need / 1e9,
+        budget / 1e9,
+    )
+
+    def on_disk(split: str, n: int, side: int):
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        target = cache.mapped_file(cache_file, split)
+        return np.lib.format.open_memmap(target, "w+", np.uint8, (n, 3, side, side))
+
+    return on_disk
+
+
+def _carved_bundle(tensors, options, spec, size, source, seed, bad) -> DataBundle:
+    """The bundle, with test and val carved from train where the source has none."""
+    images, labels = tensors["train"]
+    carved = [s for s in ("test", "val") if s not in tensors]
+    if source["kind"] != "official":  # the official files have hundreds per class
+        check_enough_per_class(labels, spec, carved)
+    parts = {s: Split(*tensors[s]) for s in ("val", "test") if s in tensors}
+    keep = torch.arange(len(labels))
+    if "test" in carved:
+        keep, held = carve(labels, options.test_fraction, TEST_SEED, "test")
+        parts["test"] = Split(take(images, held), labels[held])
+        log.warning(
+            "%s has no test split: %d images (%.0f%% of train, stratified, seed %d) are held "
+            "out as test; the run records it",
+            source["path"],
+            len(held),
+            100 * options.test_fraction,
+            TEST_SEED,
+        )
+    if "val" in carved:
+        tr, va = carve(labels[keep], options.val_fraction, seed, "val")
+        parts["val"] = Split(take(images, keep[va]), labels[keep[va]])
+        keep = keep[tr]
+    train = Split(take(images, keep), labels[keep]) if carved else Split(images, labels)
     return DataBundle(
         spec=spec,
         image_size=size,
         train=train,
-        val=val,
-        test=test,
+        val=parts["val"],
+        test=parts["test"],
         mean=tuple(tensors["mean"]),
         std=tuple(tensors["std"]),
         source=source,
         fingerprint=tensors["content_sha1"],
-        val_is_carved=carved,
-        skipped=tuple(bad),
+        val_is_carved="val" in carved,
+        test_is_carved="test" in carved,
+        skipped=bad,
     )

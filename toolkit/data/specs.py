@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,9 +21,10 @@ SKIPPED_IN_INFO = 100  # bad files named in DataBundle.info(); all of them are c
 class DatasetSpec:
     name: str
     classes: tuple[str, ...]
-    native_size: int
+    native_size: int | None  # None: a folder of images of any size
     default_size: int
     channels: int = 3
+    official: bool = True  # False: a dataset of a folder's own class names
 
     @property
     def num_classes(self) -> int:
@@ -52,19 +54,61 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
+CUSTOM_SIZE = 32  # what images of a folder of any sizes are resized to by default
+
+
+def spec_for_classes(
+    classes: list[str], name: str, where: str, ordered: bool = False
+) -> DatasetSpec:
+    """The dataset a folder's class names (or a classes.txt) describe.
+
+    Exactly CIFAR-10's or STL-10's names keep that dataset, in its official order, so old
+    runs and the shipped models stay valid. Anything else is a dataset of its own, named after
+    its folder, its classes sorted like torchvision's ImageFolder, or in the given order when
+    `ordered` (a classes.txt: its line numbers are the labels).
+    """
+    for spec in DATASETS.values():
+        if (tuple(classes) == spec.classes) if ordered else (set(classes) == set(spec.classes)):
+            return spec
+    if len(classes) < 2:
+        raise ToolkitError(
+            f"'{where}' names {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
+            "a classifier needs at least 2: one folder (or classes.txt line) per class"
+        )
+    duplicated = sorted({c for c in classes if classes.count(c) > 1})
+    if duplicated:
+        raise ToolkitError(f"'{where}' repeats the class name(s) {', '.join(duplicated)}")
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-.") or "images"
+    if slug in DATASETS:  # a folder called cifar10 holding other classes is not CIFAR-10
+        slug += "-folder"
+    return DatasetSpec(
+        slug,
+        tuple(classes if ordered else sorted(classes)),
+        native_size=None,
+        default_size=CUSTOM_SIZE,
+        official=False,
+    )
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """Where the data comes from and how it is split; stored in config.json."""
 
-    dataset: str = option("cifar10", "cifar10 or stl10.")
+    dataset: str = option(
+        "cifar10",
+        "cifar10 or stl10: the official files. A --data-dir names its classes by its "
+        "folders, a --splits DIR by its classes.txt (else this dataset's).",
+    )
     data_dir: str | None = option(
         None,
-        "Image folder with train/ and test/ (optional val/), one sub-folder per class.",
+        "Image folder with train/ (optional val/, test/), one sub-folder per class, any "
+        "class names.",
         path=True,
     )
     splits: str | None = option(
         None,
-        "Folder with train.txt, test.txt (optional val.txt): lines 'relative/path label'.",
+        "Folder with train.txt (optional val.txt, test.txt): lines 'relative/path label'; "
+        "optional classes.txt, one class name per line.",
         path=True,
     )
     data_root: str | None = option(
@@ -73,9 +117,25 @@ class DataOptions:
         path=True,
     )
     image_size: int | None = option(
-        None, "Train at this size (default: the dataset's; STL-10: 32, 96 native)."
+        None,
+        "Train at this size: images are centre-cropped and resized to it, as the app does "
+        "(default 32; STL-10's native size is 96).",
     )
-    val_fraction: float = option(0.1, "Stratified share of train held out as val.")
+    val_fraction: float = option(
+        0.1,
+        "Stratified share of train held out as val, when the source has no val split; 0: "
+        "no val (a fixed-length recipe: the final weights, no epoch selected).",
+    )
+    test_fraction: float = option(
+        0.1,
+        "Stratified share of train held out as test, when the source has no test split "
+        "(carved with a fixed seed, before val: the same test images for every --seed).",
+    )
+    memory_gb: float | None = option(
+        None,
+        "Decoded images larger than this stay on disk, memory-mapped, instead of in RAM "
+        "(default: half of this machine's memory).",
+    )
     download: bool = option(True, "Download the official files when missing.")
     # See toolkit.data.sources for what counts as a bad file.
     bad_files: str = option(
@@ -108,12 +168,13 @@ class DataBundle:
     image_size: int
     train: Split
     val: Split
-    test: Split | None
+    test: Split
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: dict  # how to load this again: {"kind", "path", ...}
     fingerprint: str
     val_is_carved: bool
+    test_is_carved: bool = False
     skipped: tuple[str, ...] = ()  # bad files left out under --bad-files skip: 'where: why'
 
     def info(self) -> dict:
@@ -126,12 +187,32 @@ class DataBundle:
             "image_size": self.image_size,
             "source": self.source,
             "fingerprint": self.fingerprint,
+            "test_is_carved": self.test_is_carved,
             # Capped: every checkpoint carries this, and the count says how much is missing.
             "skipped_count": len(self.skipped),
             "skipped_files": list(self.skipped[:SKIPPED_IN_INFO]),
         }
 
     def sizes(self) -> dict[str, int]:
-        """Images per split (test 0 when the source has none), as config.json records them."""
-        test = len(self.test) if self.test is not None else 0
-        return {"train": len(self.train), "val": len(self.val), "test": test}
+        """Images per split, as config.json records them."""
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split: imbalance is recorded, never hidden."""
+        classes = self.spec.classes
+        return {
+            split: dict(zip(classes, counts_per_class(part.labels, len(classes)), strict=True))
+            for split, part in (("train", self.train), ("val", self.val), ("test", self.test))
+        }
+
+
+def counts_per_class(labels, num_classes: int) -> list[int]:
+    """How many of `labels` (a tensor of class indices) fall in each class, every class listed."""
+    return labels.bincount(minlength=num_classes).tolist()
+
+
+def imbalance(counts: dict[str, int]) -> dict:
+    """The largest and smallest class of a split and their ratio (inf when a class is empty)."""
+    most, least = max(counts, key=counts.get), min(counts, key=counts.get)
+    ratio = counts[most] / counts[least] if counts[least] else float("inf")
+    return {"largest": most, "smallest": least, "ratio": round(ratio, 2)}

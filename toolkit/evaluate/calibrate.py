@@ -25,16 +25,24 @@ from toolkit.evaluate.calibration import (
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.state import CALIBRATION_RECORD, current_calibration
 from toolkit.train.batches import Normalizer
-from toolkit.train.engine import pick_device, predict_logits
+from toolkit.train.engine import EVAL_BATCH_SIZE, pick_device, predict_logits
+from toolkit.tta import TTAClassifier
 
 log = logging.getLogger(__name__)
 
 
-def checkpoint_logits(ckpt: Checkpoint, images: torch.Tensor, device: str = "auto"):
-    """Logits of the checkpoint's model for uint8 images (normalised as it was trained)."""
+def checkpoint_logits(
+    ckpt: Checkpoint, images: torch.Tensor, device: str = "auto", tta: int = 0
+) -> torch.Tensor:
+    """Logits of the checkpoint's model for uint8 images (normalised as it was trained),
+    averaged over the test-time augmentation views of level `tta` (toolkit.tta)."""
     dev = pick_device(device)
     normalize = Normalizer(ckpt.dataset["mean"], ckpt.dataset["std"], dev)
-    return predict_logits(ckpt.build_net().to(dev), images, normalize, dev)
+    net = TTAClassifier(ckpt.build_net(), tta) if tta else ckpt.build_net()
+    views = net.views if tta else 1
+    # Every view goes through in one batch: keep the images per call as without TTA.
+    batch = max(1, EVAL_BATCH_SIZE // views)
+    return predict_logits(net.to(dev), images, normalize, dev, batch_size=batch)
 
 
 def calibrate_run(run_dir: Path, ckpt: Checkpoint, data: DataBundle, device: str = "auto") -> dict:

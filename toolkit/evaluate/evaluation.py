@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from toolkit.atomic import (
     atomic_folder,
@@ -24,6 +26,7 @@ from toolkit.atomic import (
     remove_stale_temp,
 )
 from toolkit.data import DataBundle, Split
+from toolkit.data.specs import imbalance
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import plots
 from toolkit.evaluate.calibrate import calibrate_run, checkpoint_logits
@@ -37,6 +40,7 @@ from toolkit.evaluate.metrics import compute_metrics, select_failures
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import read_metrics, write_csv_rows
 from toolkit.run.state import EVAL_DIRS, EVAL_RECORD, check_run_data, load_run_data
+from toolkit.tta import TTAClassifier
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ def evaluate_run(
     logits = checkpoint_logits(ckpt, chosen.images, device)
     metrics = compute_metrics(chosen.labels, logits, ckpt.dataset["classes"])
     metrics["calibration"] = calibration_report(logits, chosen.labels, calibration)
+    metrics["tta"] = tta_report(ckpt, chosen, logits, device)
 
     out = run_dir / EVAL_DIRS[split]
     # A killed evaluation's staging folder; two evaluations of one split at once are not
@@ -79,23 +84,57 @@ def evaluate_run(
     # Written into a fresh hidden folder that replaces `out` whole at the end: a kill leaves
     # the previous evaluation (or none), never a mix, and no earlier file (an old failure
     # image) lingers beside the new ones.
+    metrics["data"] = data_report(data, split)
     with atomic_folder(out) as staging:
         record = _write_evaluation(staging, run_dir, ckpt, chosen, logits, metrics, split)
     log.info("%s accuracy %.4f, reports in %s", split, metrics["accuracy"], out)
-    keys = ("split", "n", "accuracy", "loss", "macro_f1", "checkpoint_epoch", "calibration")
+    keys = (
+        *("split", "n", "accuracy", "top5_accuracy", "loss", "macro_f1"),
+        *("checkpoint_epoch", "calibration", "data", "tta"),
+    )
     return {**{k: record[k] for k in keys}, "run": str(run_dir), "eval_dir": str(out)}
 
 
+def tta_report(ckpt: Checkpoint, chosen: Split, logits: torch.Tensor, device: str) -> dict:
+    """The accuracy with the run's test-time augmentation (--tta, part of the model when
+    used: `toolkit export --tta` serves it) beside the plain one; level 0: no TTA."""
+    level = int(ckpt.config.get("tta", 0))
+    plain = (logits.argmax(1) == chosen.labels).float().mean().item()
+    if not level:
+        return {"level": 0, "accuracy_without": plain}
+    tta_logits = checkpoint_logits(ckpt, chosen.images, device, tta=level)
+    accuracy = (tta_logits.argmax(1) == chosen.labels).float().mean().item()
+    log.info("with TTA (level %d): accuracy %.4f (without: %.4f)", level, accuracy, plain)
+    return {
+        "level": level,
+        "views": TTAClassifier(nn.Identity(), level).views,
+        "accuracy": accuracy,
+        "accuracy_without": plain,
+        "loss": F.cross_entropy(tta_logits, chosen.labels).item(),
+    }
+
+
 def _pick_split(data: DataBundle, split: str, run_dir: Path) -> Split:
-    if split == "val":
-        return data.val
-    if data.test is None:
-        raise ToolkitError(
-            f"the data of '{run_dir}' ({data.source.get('path')}) has no test split; "
-            "evaluate the validation split with --split val, or train on data that has a "
-            "test/ folder (or test.txt)"
+    return data.val if split == "val" else data.test
+
+
+def data_report(data: DataBundle, split: str) -> dict:
+    """Where the evaluated images came from and how balanced the classes are: a carved test
+    split and a skewed training set are stated in the report, never left to be guessed."""
+    counts = data.class_counts()
+    carved = data.test_is_carved if split == "test" else data.val_is_carved
+    if carved:
+        log.warning(
+            "the %s images were held out from train (the source has no %s split); say so "
+            "when quoting this accuracy",
+            split,
+            split,
         )
-    return data.test
+    return {
+        "split_is_carved": carved,
+        "class_counts": counts,
+        "train_imbalance": imbalance(counts["train"]),
+    }
 
 
 def calibration_report(logits: torch.Tensor, labels: torch.Tensor, calibration: dict) -> dict:
@@ -140,9 +179,11 @@ def _write_evaluation(
     _write_curves(out, run_dir, ckpt)
     record = {
         "split": split,
-        **{k: metrics[k] for k in ("n", "accuracy", "loss", "macro_f1")},
+        **{k: metrics[k] for k in ("n", "accuracy", "top5_accuracy", "loss", "macro_f1")},
         "per_class_accuracy": {r["class"]: r["accuracy"] for r in metrics["per_class"]},
         "calibration": metrics["calibration"],
+        "data": metrics["data"],
+        "tta": metrics["tta"],
         "checkpoint_epoch": ckpt.epoch,
         "model": ckpt.model,
         "dataset": {k: ckpt.dataset[k] for k in ("name", "image_size", "source", "fingerprint")},
@@ -173,7 +214,9 @@ def _write_reports(out: Path, metrics: dict, classes: list[str]) -> None:
     write_csv_rows(out / "confusion_matrix.csv", ["true \\ predicted", *classes], matrix)
     columns = ["class", "support", "correct", "accuracy"]
     rows = [[r[c] if r[c] is not None else "" for c in columns] for r in metrics["per_class"]]
-    write_csv_rows(out / "per_class.csv", columns, rows)
+    trained_on = metrics["data"]["class_counts"]["train"]
+    rows = [[*row, trained_on[name]] for row, name in zip(rows, classes, strict=True)]
+    write_csv_rows(out / "per_class.csv", [*columns, "train_images"], rows)
 
 
 def _write_failures(out: Path, split: Split, logits: torch.Tensor, classes: list[str]) -> None:

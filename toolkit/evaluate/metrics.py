@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import classification_report
+from sklearn.metrics import classification_report, top_k_accuracy_score
 
 from toolkit.errors import ToolkitError
 
 FAILURES_PER_CLASS = 2
+TOP_K = 5  # top-5 accuracy beside top-1, as ImageNet-style reports give it
 
 
 def compute_metrics(labels: torch.Tensor, logits: torch.Tensor, classes) -> dict:
@@ -42,6 +43,7 @@ def compute_metrics(labels: torch.Tensor, logits: torch.Tensor, classes) -> dict
     return {
         "n": len(labels),
         "accuracy": float(correct.sum() / len(labels)),
+        "top5_accuracy": top_k_accuracy(labels, logits),
         "loss": F.cross_entropy(logits, labels).item(),
         "macro_f1": float(report["macro avg"]["f1-score"]),
         "confusion": confusion,
@@ -49,6 +51,16 @@ def compute_metrics(labels: torch.Tensor, logits: torch.Tensor, classes) -> dict
         "report": report,
         "report_text": classification_report(**args),
     }
+
+
+def top_k_accuracy(labels: torch.Tensor, logits: torch.Tensor, k: int = TOP_K) -> float | None:
+    """Share of images whose class is among the k highest scores; None with k classes or
+    fewer, where every image would count."""
+    classes = logits.shape[1]
+    if classes <= k:
+        return None
+    scores = logits.float().numpy()
+    return float(top_k_accuracy_score(labels.numpy(), scores, k=k, labels=list(range(classes))))
 
 
 def select_failures(

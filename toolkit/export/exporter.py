@@ -59,6 +59,7 @@ from toolkit.models import count_parameters
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import check_writable
 from toolkit.run.state import EXPORT_DIR, EXPORT_REPORT, current_evaluation, load_run_data
+from toolkit.tta import TTAClassifier
 from toolkit.version import __version__
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,13 @@ def export_run(
     triton_dir: Path | None = None,
     opset: int | None = None,
     timing: Timing | None = None,
+    tta: bool = False,
 ) -> dict:
     """Export RUN/best.pt to ONNX, verify it on the run's test split, measure it; the report.
 
-    `timing` (how long latencies are measured) defaults to bench.DEFAULT_TIMING.
+    `timing` (how long latencies are measured) defaults to bench.DEFAULT_TIMING. `tta` puts
+    the run's test-time augmentation (its --tta level) inside the graph: the logits are the
+    average over the views, as `toolkit evaluate` reports them.
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / EXPORT_DIR
@@ -90,24 +94,41 @@ def export_run(
             "is usable here; export without --fp16 (or on a GPU machine)"
         )
     ckpt = Checkpoint.load(run_dir / "best.pt")
+    tta_level = int(ckpt.config.get("tta", 0)) if tta else 0
+    if tta and not tta_level:
+        raise ToolkitError(
+            f"'{run_dir}' was trained with --tta 0: its evaluation has no TTA accuracy to "
+            "serve; export without --tta"
+        )
     check_writable(out_dir, "export folder", "--out")
     if triton_dir is not None:
         check_writable(Path(triton_dir), "Triton folder", "--triton")
     data = load_run_data(run_dir, ckpt)
     calibration = calibrate_run(run_dir, ckpt, data, device="cpu")  # fitted on val
 
-    head = ExportHead(ckpt.build_classifier(), calibration["temperature"]).eval()
-    test_accuracy = _test_accuracy(run_dir, ckpt)
+    classifier = ckpt.build_classifier()
+    if tta_level:
+        classifier = TTAClassifier(classifier, tta_level)
+    head = ExportHead(classifier, calibration["temperature"]).eval()
+    test_accuracy = _test_accuracy(run_dir, ckpt, tta_level)
     meta = build_metadata(ckpt, count_parameters(head), test_accuracy, calibration)
+    if tta_level:  # the logits are the average over these views (toolkit.tta)
+        meta["tta"] = tta_level
     shape = (int(ckpt.model["in_channels"]), *meta["input_size"])
     model = export_classifier(head, shape, meta, opset)
     model_bytes = model.SerializeToString()
 
     threads, cpu = default_threads(), cpu_info()
     split_name, split = evaluation_split(data)
-    reference = torch_outputs(head, split.images, threads, description=f"torch · {split_name}")
+    # With TTA every image is several in the graph: fewer per call keeps the memory the same.
+    views = classifier.views if tta_level else 1
+    reference = torch_outputs(
+        head, split.images, threads, batch=1000 // views, description=f"torch · {split_name}"
+    )
     session = make_session(model_bytes, CPU, threads)
-    candidate = onnx_outputs(session, split.images, description=f"onnx fp32 · {split_name}")
+    candidate = onnx_outputs(
+        session, split.images, batch=500 // views, description=f"onnx fp32 · {split_name}"
+    )
     verification = check_parity(compare(reference, candidate, split.labels), split_name, len(split))
 
     stats = {
@@ -169,8 +190,9 @@ def export_run(
     return report
 
 
-def _test_accuracy(run_dir: Path, ckpt: Checkpoint) -> float | None:
-    """The test accuracy `toolkit evaluate` measured on this very best.pt, if it did."""
+def _test_accuracy(run_dir: Path, ckpt: Checkpoint, tta: int = 0) -> float | None:
+    """The test accuracy `toolkit evaluate` measured on this very best.pt, if it did (with
+    the TTA the graph has, when it has some)."""
     record = current_evaluation(run_dir, ckpt.epoch, ckpt.fingerprint)
     if record is None:
         log.warning(
@@ -179,7 +201,14 @@ def _test_accuracy(run_dir: Path, ckpt: Checkpoint) -> float | None:
             run_dir,
         )
         return None
-    return float(record["accuracy"])
+    if not tta:
+        return float(record["accuracy"])
+    accuracy = (record.get("tta") or {}).get("accuracy")
+    if accuracy is None:
+        log.warning(
+            "the evaluation of %s has no TTA accuracy; run `toolkit evaluate` again", run_dir
+        )
+    return None if accuracy is None else float(accuracy)
 
 
 def _latency_rows(head, model_bytes: bytes, verification: dict, plan: LatencyPlan) -> list:

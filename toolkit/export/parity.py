@@ -23,11 +23,10 @@ PROB_TOLERANCE = 1e-4
 
 
 def evaluation_split(data: DataBundle) -> tuple[str, Split]:
-    """The test split, or val when the source has none."""
-    name, split = ("test", data.test) if data.test is not None else ("val", data.val)
-    if split is None or len(split) == 0:
-        raise ToolkitError(f"the run's {name} split is empty; nothing to verify the export on")
-    return name, split
+    """The test split (held out from train when the source has none)."""
+    if len(data.test) == 0:
+        raise ToolkitError("the run's test split is empty; nothing to verify the export on")
+    return "test", data.test
 
 
 def torch_outputs(

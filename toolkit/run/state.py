@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,8 +34,13 @@ CALIBRATION_RECORD = "calibration.json"  # the temperature and threshold fitted 
 def best_row(history: Sequence[dict]) -> dict | None:
     """The metrics row of the best epoch: the first one with the highest val accuracy, so a
     run whose val accuracy never rises (even one stuck at 0 %) has best.pt at epoch 1.
+    A run without val (--val-fraction 0: val accuracy NaN) makes no selection: the last row.
     None before the first epoch."""
-    return max(history, key=lambda row: row["val_acc"]) if history else None
+    if not history:
+        return None
+    if all(math.isnan(row["val_acc"]) for row in history):
+        return history[-1]
+    return max(history, key=lambda row: row["val_acc"])
 
 
 def current_evaluation(
@@ -114,4 +120,12 @@ def check_run_data(run_dir: Path, ckpt: Checkpoint, data: DataBundle) -> None:
         raise ToolkitError(
             f"the data's classes or image size differ from the checkpoint of '{run_dir}'; "
             "use the dataset options the run was trained with"
+        )
+    # Runs from before test carving trained on all of train: a test carved from it now would
+    # be images the model has seen.
+    if data.test_is_carved and not ckpt.dataset.get("test_is_carved", False):
+        raise ToolkitError(
+            f"'{run_dir}' was trained on all of its train images (a toolkit from before test "
+            "splits were carved from a source without one), so no honest test split is left; "
+            "add a test/ folder, or train a new run"
         )

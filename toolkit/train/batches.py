@@ -1,5 +1,6 @@
 """Batches straight out of one uint8 tensor: a seeded order, augmentation on the whole batch
-(crop with reflect padding, flip, cutout) by tensor ops, normalisation, channels_last.
+(crop/translation with reflect padding, random or alternating flip, cutout) by tensor ops,
+normalisation, channels_last.
 
 In the spirit of airbench: no DataLoader and no per-image Python work, so the same code is
 fast on a CPU and needs no host sync on a GPU. Augmentation parameters are drawn for the
@@ -48,6 +49,14 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     return steps
 
 
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """--alt-flip: which of `n` images are flipped in `epoch` (1-based). A seeded half is
+    flipped in odd epochs and the other half in even ones, so every image is seen both ways
+    in any two consecutive epochs (more diverse than flipping at random)."""
+    base = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return base if epoch % 2 else ~base
+
+
 @dataclass(frozen=True)
 class BatchAugment:
     """Per-image augmentation parameters of one batch: crop offsets, flips, cutout corners.
@@ -56,22 +65,37 @@ class BatchAugment:
     does not depend on how many processes train.
     """
 
-    dy: torch.Tensor | None = None  # crop offsets in [0, 2 * CROP_PADDING]
+    dy: torch.Tensor | None = None  # crop offsets in [0, 2 * pad]
     dx: torch.Tensor | None = None
     flip: torch.Tensor | None = None  # bool
     cut_y: torch.Tensor | None = None  # top-left corner of the cutout square
     cut_x: torch.Tensor | None = None
     cutout: int = 0
+    pad: int = CROP_PADDING  # reflect padding of the crop: the largest translation
 
     @classmethod
     def draw(
-        cls, n: int, size: tuple[int, int], generator: torch.Generator, crop_flip: bool, cutout: int
+        cls,
+        n: int,
+        size: tuple[int, int],
+        generator: torch.Generator,
+        crop_flip: bool,
+        cutout: int,
+        translate: int = 0,
+        flips: torch.Tensor | None = None,
     ) -> BatchAugment:
+        """`crop_flip`: crop of the 4-px padded image and a random flip; `translate` N
+        crops the N-px padded image instead; `flips` (the batch's alternating flips)
+        replace the random ones."""
         h, w = size
-        values: dict = {"cutout": cutout}
-        if crop_flip:
-            values["dy"] = torch.randint(0, 2 * CROP_PADDING + 1, (n,), generator=generator)
-            values["dx"] = torch.randint(0, 2 * CROP_PADDING + 1, (n,), generator=generator)
+        pad = translate or (CROP_PADDING if crop_flip else 0)
+        values: dict = {"cutout": cutout, "pad": pad}
+        if pad:
+            values["dy"] = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+            values["dx"] = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        if flips is not None:
+            values["flip"] = flips
+        elif crop_flip:
             values["flip"] = torch.rand(n, generator=generator) < 0.5
         if cutout:
             if cutout > min(h, w):
@@ -84,33 +108,36 @@ class BatchAugment:
         """The parameters of the images `part` of the batch."""
         pick = {k: getattr(self, k) for k in ("dy", "dx", "flip", "cut_y", "cut_x")}
         return BatchAugment(
-            **{k: v[part] if v is not None else None for k, v in pick.items()}, cutout=self.cutout
+            **{k: v[part] if v is not None else None for k, v in pick.items()},
+            cutout=self.cutout,
+            pad=self.pad,
         )
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         if self.dy is not None:
-            images = _crop_flip(images, self.dy, self.dx, self.flip)
+            images = _crop(images, self.dy, self.dx, self.pad)
+        if self.flip is not None:
+            flip = self.flip.to(images.device)[:, None, None, None]
+            images = torch.where(flip, images.flip(3), images)
         if self.cutout:
             images = _cutout(images, self.cut_y, self.cut_x, self.cutout)
         return images
 
 
-def _crop_flip(images: torch.Tensor, dy, dx, flip) -> torch.Tensor:
-    """Random crop with reflect padding + horizontal flip, per image, on a float batch.
+def _crop(images: torch.Tensor, dy, dx, p: int) -> torch.Tensor:
+    """Random crop with `p`-px reflect padding, per image, on a float batch.
 
     Two gathers (rows, then columns) instead of a Python loop over images: the same code is
     fast on the CPU and needs no host sync on a GPU.
     """
     n, c, h, w = images.shape
-    p = CROP_PADDING
     device = images.device
-    dy, dx, flip = dy.to(device), dx.to(device), flip.to(device)
+    dy, dx = dy.to(device), dx.to(device)
     padded = F.pad(images, (p, p, p, p), mode="reflect")
     rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
     cropped = padded.gather(2, rows.expand(n, c, h, w + 2 * p))
     cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
-    cropped = cropped.gather(3, cols.expand(n, c, h, w))
-    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+    return cropped.gather(3, cols.expand(n, c, h, w))
 
 
 def _cutout(images: torch.Tensor, cut_y, cut_x, size: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from toolkit.data.specs import DataOptions
 from toolkit.errors import ToolkitError
-from toolkit.options import as_flags, declared, option, recipe_option
+from toolkit.options import as_flags, declared, given_values, option, recipe_option
 from toolkit.train import recipes
 
 ON_NAN = ("stop", "skip")  # --on-nan: what a non-finite loss does
@@ -42,7 +42,7 @@ class TrainConfig:
     momentum: float = recipe_option("SGD momentum.")
     nesterov: bool = recipe_option("Nesterov momentum (SGD).")
     l2: float = recipe_option("Weight decay (what the reference calls L2).")
-    schedule: str = recipe_option("none, step, cosine, onecycle or linear.")
+    schedule: str = recipe_option("none, step, cosine, onecycle, linear or triangle.")
     step_size: int = recipe_option("Epochs between lr drops (step schedule).")
     gamma: float = recipe_option("lr factor at each drop (step schedule).")
     warmup_epochs: float = recipe_option("Linear warm-up (cosine, linear schedules).")
@@ -50,11 +50,39 @@ class TrainConfig:
     cutout: int = recipe_option("Zero a random NxN square per image (0: off).")
     label_smoothing: float = recipe_option("Label smoothing of the training loss.")
     grad_clip: float = recipe_option("Clip the gradient norm (0: off).")
+    # The speedrun techniques (airbench); off in every other recipe.
+    decoupled: bool = recipe_option(
+        "SGD in decoupled form (airbench): --lr is the step per 1024 examples whatever the "
+        "momentum and batch, --l2 the decay per step whatever the --lr."
+    )
+    bias_lr_scale: float = recipe_option("lr multiplier of the BatchNorm biases.")
+    freeze_bn_scale: bool = recipe_option("Keep every BatchNorm scale at its init (no training).")
+    lookahead: float = recipe_option(
+        "Lookahead/EMA of the weights: every 5 steps they are pulled to an EMA of decay "
+        "(this^5 x progress^3); the final weights are the EMA (0: off)."
+    )
+    translate: int = recipe_option(
+        "Random translation by up to N px (reflect padding; replaces --augment's 4 px; 0: off)."
+    )
+    alt_flip: bool = recipe_option(
+        "Flip each image in alternate epochs (half of them in odd epochs, the rest in even) "
+        "instead of at random."
+    )
+    tta: int = recipe_option(
+        "Test-time augmentation the model is evaluated with: 0 none, 1 flip, 2 flip and "
+        "1-px translations (toolkit evaluate reports with and without; export --tta)."
+    )
     # The run's own options; the engine ones (device, amp, compile) change how it runs, not
     # what it learns: config.json's "engine" block records what they resolved to.
     recipe: str = option("default", "default (modern, fast) or seed (the reference).")
     model_options: dict = field(default_factory=dict)  # ModelOptions the model takes
     seed: int = option(0, "Seed of the weights, the val carve, the order and augmentation.")
+    init_from: str | None = option(
+        None,
+        "Start from another run's weights (its folder: best.pt, or a .pt file) of the same "
+        "model: matching tensors load, a head for another class count starts fresh.",
+        path=True,
+    )
     on_nan: str = option(
         "stop",
         "A non-finite loss: stop (naming the last good checkpoint) or skip the batch (no "
@@ -106,10 +134,31 @@ class TrainConfig:
         )
 
     @classmethod
+    def from_options(cls, model: str, **options) -> TrainConfig:
+        """`toolkit train MODEL --flags` as one flat set of options: DataOptions, ModelOptions
+        and TrainConfig fields by name (the CLI's and the Python API's one way in); an
+        unknown name is a ToolkitError."""
+        groups = {kind: declared(kind) for kind in (DataOptions, ModelOptions, TrainConfig)}
+        known = {o.name for group in groups.values() for o in group}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ToolkitError(
+                f"unknown option(s) {', '.join(unknown)}; see `toolkit train --help`"
+            )
+        return cls.from_recipe(
+            model,
+            DataOptions(**given_values(groups[DataOptions], options)),
+            model_options=given_values(groups[ModelOptions], options),
+            **given_values(groups[TrainConfig], options),
+        )
+
+    @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """A config back from config.json or a checkpoint (extra keys there are ignored)."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
+        # Runs from before an option existed ran without it: its off value (recipes.COMMON).
+        values = {**{k: v for k, v in recipes.COMMON.items() if k in known}, **values}
         return cls(**{**values, "data": DataOptions(**d["data"])})
 
     def command_flags(self) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,9 @@ class StepOptions:
     batch_size: int  # global: split across ranks
     augment: bool = False  # crop + flip
     cutout: int = 0  # side of the zeroed square, 0: off
+    translate: int = 0  # crop of the N-px padded image instead of augment's 4 px, 0: off
+    # --alt-flip: this epoch's flip of every image of the split (batches.alternating_flips)
+    flips: torch.Tensor | None = None
     label_smoothing: float = 0.0
     grad_clip: float = 0.0
     precision: Precision = FP32
@@ -174,10 +178,19 @@ def _rank_inputs(
     idx = batch[part].to(split.images.device)
     x = normalize(split.images[idx].to(device, non_blocking=True))
     labels = split.labels[idx].to(device, non_blocking=True)
-    if options.augment or options.cutout:
+    flips = options.flips
+    if options.augment or options.cutout or options.translate or flips is not None:
         # Drawn for the whole global batch (the generator advances alike on every rank).
         size = tuple(split.images.shape[-2:])
-        params = BatchAugment.draw(len(batch), size, generator, options.augment, options.cutout)
+        params = BatchAugment.draw(
+            len(batch),
+            size,
+            generator,
+            options.augment,
+            options.cutout,
+            translate=options.translate,
+            flips=flips[batch] if flips is not None else None,
+        )
         x = to_channels_last(params.select(part).apply(x))
     return x, labels
 
@@ -195,11 +208,14 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     dist: Context = SINGLE,
     description: str = "train",
+    after_step: Callable[[int], None] = lambda step: None,
 ) -> EpochResult:
     """One pass over `split` in a seeded random order; the scheduler steps every batch.
 
     `net` may be DDP-wrapped; the returned loss and accuracy are over all ranks' images.
     `scaler` is fp16's loss scaler (Precision.grad_scaler); None means no loss scaling.
+    `after_step(n)` runs after the run's n-th step (counted by the schedule), e.g. the
+    lookahead (toolkit.train.optim.Lookahead).
     """
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     net.train()
@@ -228,6 +244,7 @@ def train_one_epoch(
                 correct += (logits.argmax(1) == labels).sum()
                 seen += len(labels)
                 scheduler.step()
+                after_step(scheduler.last_epoch)
             else:
                 skipped += 1
                 _advance_schedule(scheduler)

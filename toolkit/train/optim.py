@@ -1,4 +1,4 @@
-"""The optimizer and the learning-rate schedule a resolved TrainConfig names."""
+"""The optimizer, the learning-rate schedule and the lookahead a resolved TrainConfig names."""
 
 from __future__ import annotations
 
@@ -10,21 +10,66 @@ from torch import nn
 
 from toolkit.train.config import TrainConfig
 
+# Decoupled SGD's lr and decay are per this many examples (airbench's convention).
+DECOUPLED_EXAMPLES = 1024
+LOOKAHEAD_EVERY = 5  # optimizer steps between two lookahead pulls
+# The triangle schedule: lr factor 0.2 at the start, 1 at 23 % of training, 0.07 at the end.
+TRIANGLE = (0.2, 0.23, 0.07)
+
+
+def freeze_bn_scales(net: nn.Module) -> None:
+    """--freeze-bn-scale: every BatchNorm keeps its scale (weight) at its init."""
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            module.weight.requires_grad_(False)
+
+
+def _param_groups(config: TrainConfig, net: nn.Module, lr: float, decay: float) -> list[dict]:
+    """One group, or two when the BatchNorm biases take a scaled lr (--bias-lr-scale).
+
+    Decoupled decay is applied as torch's coupled `weight_decay` divided by the group's lr,
+    so the decay per step (lr x weight_decay) is the same in both groups.
+    """
+    if config.bias_lr_scale == 1.0:
+        return [{"params": list(net.parameters()), "lr": lr, "weight_decay": decay}]
+    norm = {
+        id(p)
+        for m in net.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for p in m.parameters(recurse=False)
+    }
+    biases = [p for p in net.parameters() if id(p) in norm]
+    others = [p for p in net.parameters() if id(p) not in norm]
+    scale = config.bias_lr_scale
+    bias_decay = decay / scale if config.decoupled else decay
+    return [
+        {"params": others, "lr": lr, "weight_decay": decay},
+        {"params": biases, "lr": lr * scale, "weight_decay": bias_decay},
+    ]
+
 
 def make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer a resolved config names, over all of `net`'s parameters."""
-    params = net.parameters()
+    """The optimizer a resolved config names, over all of `net`'s parameters (frozen ones
+    included: they get no gradient, so no step, and may be unfrozen later)."""
     if config.optimizer == "sgd":
+        lr, decay = config.lr, config.l2
+        if config.decoupled:
+            # With Nesterov momentum m a constant gradient moves the weights by about
+            # lr x (1 + 1/(1 - m)) per step: dividing by that keeps --lr the step size
+            # whatever m; x batch/1024 restates airbench's summed loss for the mean loss.
+            gain = 1 + 1 / (1 - config.momentum) if config.momentum < 1 else 1.0
+            lr = config.lr * config.batch_size / (DECOUPLED_EXAMPLES * gain)
+            decay = config.l2 / config.lr  # per-step decay lr x this = l2 x batch / (1024 gain)
         return torch.optim.SGD(
-            params,
-            lr=config.lr,
+            _param_groups(config, net, lr, decay),
+            lr=lr,
             momentum=config.momentum,
             nesterov=config.nesterov and config.momentum > 0,
-            weight_decay=config.l2,
         )
+    groups = _param_groups(config, net, config.lr, config.l2)
     if config.optimizer == "adam":  # coupled L2, as the reference's Adam(weight_decay=...)
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.l2)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.l2)
+        return torch.optim.Adam(groups, lr=config.lr)
+    return torch.optim.AdamW(groups, lr=config.lr)
 
 
 def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -47,6 +92,12 @@ def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
             if step < peak:
                 return 0.04 + 0.96 * step / peak
             return max(0.0, (total - step) / max(1, total - peak))
+        if config.schedule == "triangle":
+            start, at, end = TRIANGLE
+            peak = max(1, int(at * total))
+            if step < peak:
+                return start + (1 - start) * step / peak
+            return 1 + (end - 1) * min(1.0, (step - peak) / max(1, total - peak))
         # cosine, with an optional linear warm-up
         if step < warmup:
             return (step + 1) / warmup
@@ -54,3 +105,41 @@ def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+class Lookahead:
+    """--lookahead D: every LOOKAHEAD_EVERY steps, ema <- lerp(ema, w, 1 - d) and w <- ema,
+    with d = D^LOOKAHEAD_EVERY x progress^3 (no pull early on, a strong one late); at the
+    last step w <- ema, so the final weights are the average.
+
+    The EMA lives in the optimizer's per-parameter state ("lookahead"), so it is saved in
+    every checkpoint and a resumed run continues it exactly. It starts at the first pull
+    (the weights after LOOKAHEAD_EVERY steps, where the pull is ~0 anyway): created earlier
+    it would make Adam take the state for initialised.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, decay: float, total_steps: int):
+        self.optimizer, self.decay, self.total = optimizer, decay, total_steps
+
+    def _params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Call after optimizer step number `step` (1-based, counted over the whole run)."""
+        if not self.decay:
+            return
+        if step >= self.total:
+            self.pull(1.0)
+        elif step % LOOKAHEAD_EVERY == 0:
+            self.pull(self.decay**LOOKAHEAD_EVERY * (step / self.total) ** 3)
+
+    @torch.no_grad()
+    def pull(self, decay: float) -> None:
+        for p in self._params():
+            state = self.optimizer.state[p]
+            if "lookahead" not in state:
+                state["lookahead"] = p.detach().clone()
+            ema = state["lookahead"]
+            ema.lerp_(p.detach(), 1 - decay)
+            p.copy_(ema)

@@ -7,6 +7,7 @@ left waiting for the others when one of them fails.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,18 +21,23 @@ from toolkit.errors import ToolkitError, error_summary
 from toolkit.models import count_parameters, create_model
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import check_free_space, check_writable, new_run_dir
-from toolkit.train.batches import steps_per_epoch
+from toolkit.train.batches import Normalizer, steps_per_epoch
 from toolkit.train.config import TrainConfig
 from toolkit.train.distributed import Context
 from toolkit.train.engine import compile_in_place
-from toolkit.train.optim import lr_factor, make_optimizer
+from toolkit.train.optim import Lookahead, freeze_bn_scales, lr_factor, make_optimizer
 from toolkit.train.precision import Precision
+from toolkit.train.warm_start import load_matching_weights
 from toolkit.version import __version__
 
 # What a run writes besides its checkpoints (logs, TensorBoard, eval/ and export/ later).
 FREE_SPACE_MARGIN = 64 * 2**20
-# Optimizer state per weight in a checkpoint: Adam keeps two moments, SGD one momentum.
+# Optimizer state per weight in a checkpoint: Adam keeps two moments, SGD one momentum
+# (and the lookahead one EMA).
 OPTIMIZER_SLOTS = 2
+# The first this many training images are what a model's `prepare(images)` hook sees
+# (speedrun's whitening layer estimates its patch covariance from them).
+PREPARE_IMAGES = 5000
 
 
 @dataclass
@@ -45,6 +51,9 @@ class Setup:
     scaler: torch.amp.GradScaler  # enabled for fp16 only
     precision: Precision
     model_info: dict  # the checkpoint's "model" section
+    lookahead: Lookahead  # --lookahead (a no-op at 0)
+    initialised_from: dict | None = None  # what --init-from loaded (warm_start)
+    prepare_seconds: float = 0.0  # the model's data-dependent init (timed as training)
 
 
 def check_data(
@@ -75,12 +84,15 @@ def check_data(
         )
 
 
-def agree_run_dir(run_dir: Path | None, config: TrainConfig, dist: Context) -> Path:
-    """Rank 0 picks (default name) and checks the run folder; every rank gets its path."""
+def agree_run_dir(
+    run_dir: Path | None, config: TrainConfig, data: DataBundle, dist: Context
+) -> Path:
+    """Rank 0 picks (default name: runs/<dataset>-<model>-<time>) and checks the run folder;
+    every rank gets its path."""
     picked, error = None, None
     if dist.is_main:
         try:
-            picked = Path(run_dir) if run_dir else new_run_dir(config.data.dataset, config.model)
+            picked = Path(run_dir) if run_dir else new_run_dir(data.spec.name, config.model)
             check_writable(picked, "run folder", "--run-dir")
         except ToolkitError as exc:
             error = str(exc)
@@ -142,10 +154,22 @@ def build(
         in_channels=model_info["in_channels"],
         **config.model_options,
     )
+    prepare_seconds = 0.0
+    if resumed is None and hasattr(net, "prepare"):  # a resumed run's weights are in last.pt
+        start = time.perf_counter()
+        sample = data.train.images[:PREPARE_IMAGES]
+        net.prepare(Normalizer(data.mean, data.std, torch.device("cpu"))(sample))
+        prepare_seconds = time.perf_counter() - start
+    if config.freeze_bn_scale:
+        freeze_bn_scales(net)
+    warm = None
+    if resumed is None and config.init_from:  # a resumed run has its own weights in last.pt
+        warm = load_matching_weights(net, config.init_from, config.model, data.spec.classes)
     net.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(config, net)
     steps = steps_per_epoch(len(data.train), config.batch_size, dist.world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
+    lookahead = Lookahead(optimizer, config.lookahead, config.epochs * steps)
     scaler = precision.grad_scaler(device)
     if resumed is not None:
         _load_training_state(resumed, net, optimizer, scheduler, scaler)
@@ -159,6 +183,9 @@ def build(
         scaler=scaler,
         precision=precision,
         model_info=model_info,
+        lookahead=lookahead,
+        initialised_from=warm,
+        prepare_seconds=prepare_seconds,
     )
 
 
@@ -178,6 +205,13 @@ def _load_training_state(ckpt: Checkpoint, net, optimizer, scheduler, scaler) ->
         ) from exc
 
 
+def selection(data: DataBundle) -> str:
+    """How best.pt is chosen, as config.json records it."""
+    if len(data.val) == 0:
+        return "none: no val split (--val-fraction 0), best.pt holds the final weights"
+    return "best val accuracy (the first epoch reaching it)"
+
+
 def write_config(run_dir: Path, config: TrainConfig, setup: Setup, data, engine: dict) -> None:
     """config.json: every resolved option, plus what the run found (data, engine, versions)."""
     atomic_write_json(
@@ -187,7 +221,12 @@ def write_config(run_dir: Path, config: TrainConfig, setup: Setup, data, engine:
             "num_params": count_parameters(setup.net),
             "dataset_info": data.info(),
             "val_is_carved": data.val_is_carved,
+            "test_is_carved": data.test_is_carved,
             "sizes": data.sizes(),
+            "class_counts": data.class_counts(),
+            "initialised_from": setup.initialised_from,
+            "prepare_seconds": setup.prepare_seconds,
+            "selection": selection(data),
             "engine": engine,
             "toolkit_version": __version__,
             "torch_version": torch.__version__,

@@ -20,6 +20,7 @@ from torch import nn
 from toolkit import seams
 from toolkit.atomic import WriteError, atomic_write_bytes
 from toolkit.data import DataBundle, load_data
+from toolkit.data.specs import imbalance
 from toolkit.errors import ToolkitError, first_line
 from toolkit.models import count_parameters, resolve_options
 from toolkit.run.checkpoint import Checkpoint
@@ -27,7 +28,7 @@ from toolkit.run.folder import RunLog, open_tensorboard, write_metrics
 from toolkit.run.resume import load_resume_state, repair_run_folder
 from toolkit.run.state import best_row
 from toolkit.train import distributed
-from toolkit.train.batches import Normalizer, on_device
+from toolkit.train.batches import Normalizer, alternating_flips, on_device
 from toolkit.train.config import TrainConfig
 from toolkit.train.engine import (
     EVAL_BATCH_SIZE,
@@ -93,7 +94,7 @@ def _train(config, run_dir, data, resumed, dist: distributed.Context, device) ->
         with dist.local_main_first():  # one decode per machine; the others read the cache
             data = load_data(config.data, seed=config.seed)
     check_data(config, data, resumed, dist, run_dir)
-    run_dir = agree_run_dir(run_dir, config, dist)
+    run_dir = agree_run_dir(run_dir, config, data, dist)
     setup = build(config, data, resumed, dist, device, precision)
     check_run_space(run_dir, setup.net, resumed is not None, dist)
     if resumed is None and dist.is_main:
@@ -130,6 +131,8 @@ def _train(config, run_dir, data, resumed, dist: distributed.Context, device) ->
             config.compile,
             dist.world_size,
         )
+        if dist.is_main:
+            _log_data_caveats(data)
         if resumed is not None and dist.is_main:
             repair_run_folder(run_dir, resumed)
         train, val = on_device(data.train, device), on_device(data.val, device)
@@ -151,8 +154,12 @@ def _train(config, run_dir, data, resumed, dist: distributed.Context, device) ->
                 # so every rank evaluates (and rank 0 saves) one and the same model.
                 dist.broadcast_buffers(setup.net)
                 # fp32, like `toolkit evaluate` and the ONNX export: best.pt's val accuracy is
-                # the one those report.
-                val_loss, val_acc = evaluate_split(setup.net, val, normalize, device)
+                # the one those report. No val (--val-fraction 0): NaN, not a made-up number.
+                val_loss, val_acc = (
+                    evaluate_split(setup.net, val, normalize, device)
+                    if len(val)
+                    else (float("nan"), float("nan"))
+                )
                 history.append(_metrics_row(epoch, result, val_loss, val_acc, lr))
                 if dist.is_main:
                     _record_epoch(run_dir, writer, config, setup, data, history)
@@ -171,7 +178,7 @@ def _train(config, run_dir, data, resumed, dist: distributed.Context, device) ->
         if dist.is_distributed and not interrupted:
             _check_replicas(setup.net, dist)
 
-    best = best_row(history) or {"val_acc": 0.0, "epoch": 0}  # interrupted in epoch 1
+    best = best_row(history) or {"val_acc": 0.0, "epoch": 0}  # stopped in epoch 1
     best_file = run_dir / "best.pt"
     return RunResult(
         run_dir=run_dir,
@@ -186,6 +193,35 @@ def _train(config, run_dir, data, resumed, dist: distributed.Context, device) ->
     )
 
 
+IMBALANCE_WARNING = 3.0  # largest / smallest class of train above which the log says so
+
+
+def _log_data_caveats(data: DataBundle) -> None:
+    """What a reader of the run must know about its data, in train.log: held-out splits and
+    class imbalance (config.json records both)."""
+    if not len(data.val):
+        log.warning("no val split (--val-fraction 0): no epoch is selected, best.pt = last.pt")
+    for split, carved in (("test", data.test_is_carved), ("val", data.val_is_carved)):
+        if not len(getattr(data, split)):
+            continue
+        if carved:
+            log.warning(
+                "%s: %d images held out from train (the source has no %s split)",
+                split,
+                len(getattr(data, split)),
+                split,
+            )
+    skew = imbalance(data.class_counts()["train"])
+    if skew["ratio"] >= IMBALANCE_WARNING:
+        log.warning(
+            "imbalanced classes: train has %.1fx as many '%s' as '%s' images; per-class "
+            "counts are in config.json and the evaluation",
+            skew["ratio"],
+            skew["largest"],
+            skew["smallest"],
+        )
+
+
 def _train_epoch(config, setup: Setup, train, normalize, epoch, dist, device, run_dir):
     """One epoch, seeded from (seed, epoch); failures become ToolkitErrors naming the fix."""
     # Every epoch re-seeds from (seed, epoch): order, augmentation and dropout do not depend
@@ -195,10 +231,14 @@ def _train_epoch(config, setup: Setup, train, normalize, epoch, dist, device, ru
     epoch_seed = config.seed * 100_003 + epoch
     generator = torch.Generator().manual_seed(epoch_seed)
     torch.manual_seed(epoch_seed + dist.rank * 2**32)
+    if hasattr(setup.net, "start_epoch"):  # e.g. speedrun freezes its whitening bias
+        setup.net.start_epoch(epoch)
     options = StepOptions(
         batch_size=config.batch_size,
         augment=config.augment,
         cutout=config.cutout,
+        translate=config.translate,
+        flips=alternating_flips(len(train), config.seed, epoch) if config.alt_flip else None,
         label_smoothing=config.label_smoothing,
         grad_clip=config.grad_clip,
         precision=setup.precision,
@@ -217,6 +257,7 @@ def _train_epoch(config, setup: Setup, train, normalize, epoch, dist, device, ru
             scaler=setup.scaler,
             dist=dist,
             description=f"epoch {epoch}/{config.epochs}",
+            after_step=setup.lookahead.after_step,
         )
     except FloatingPointError as exc:
         hint = "try a lower --lr"

@@ -1,0 +1,338 @@
+"""`speedrun` against airbench's `train94` on this CPU, on the same CIFAR-10 images (#18).
+
+    pip install -e '.[bench]'            # airbench 0.1.8: benchmark-only, not installed for users
+    python -m benchmarks.speedrun --data-dir ../shared/data/cifar10 --seeds 2
+    python -m benchmarks.speedrun --data-dir ../shared/data/cifar10 --quick   # smoke check
+
+In one invocation, for every seed:
+- peer: airbench's `train94` from the PyPI package, run on the CPU through a minimal shim
+  (in its own process, so the patches touch nothing else): `.half()` and `.cuda()` are
+  no-ops, every forward runs under bf16 autocast entered per call (one outer autocast region
+  would freeze the bf16 weight copies: the net stays at ~14 %) with the whitening layer in
+  fp32, CUDA events are wall-clock timers, and its train.pt / test.pt are written from the
+  images the toolkit decoded;
+- ours: `toolkit train speedrun --val-fraction 0` (all 50,000, final weights), and the
+  default 45,000-image run (val carved, best epoch on val), through the normal CLI, each
+  then `toolkit evaluate`d once on test.
+
+Training seconds follow airbench's own rule: whitening init + training + the TTA evaluation
+(not decoding, not per-epoch evaluation); whole-command wall time is reported beside them.
+Writes benchmarks/speedrun.{json,md} (--out elsewhere; --quick writes speedrun-quick.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent
+REPO = OUT.parent
+QUICK_PER_CLASS = (300, 100)  # --quick: train and test images per class, 1 epoch
+
+
+# --- the peer, in its own process -------------------------------------------------------------
+
+
+def peer_worker(data: Path, seed: int, epochs: float | None, result: Path) -> None:
+    """Run airbench.train94 on the CPU (see the module doc for the shim) and write
+    {tta_accuracy, seconds} to `result`."""
+    import airbench
+    import torch
+    from airbench import utils
+    from torch import nn
+
+    torch.Tensor.half = lambda self, *a, **k: self  # fp32 data and weights: autocast is bf16
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.half = lambda self: self
+    nn.Module.cuda = lambda self, *a, **k: self
+    load = torch.load
+    torch.load = lambda f, *a, **k: load(f, *a, **{**k, "map_location": "cpu"})
+
+    class WallClockEvent:  # torch.cuda.Event(enable_timing=True) on a CPU
+        def __init__(self, *a, **k):
+            self.t = 0.0
+
+        def record(self, *a):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end) -> float:
+            return 1e3 * (end.t - self.t)
+
+    torch.cuda.Event = WallClockEvent
+    torch.cuda.synchronize = lambda *a, **k: None
+
+    def make_net():
+        net = airbench.make_net94()
+        whiten, forward = net[0], net.forward
+        whiten_forward = whiten.forward
+
+        def fp32_whiten(x):  # 1/sqrt(eigenvalue) filters: bf16 would round them away
+            with torch.autocast("cpu", enabled=False):
+                return whiten_forward(x.float())
+
+        def bf16_forward(x):  # per call: the bf16 weight copies follow every step
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return forward(x)
+
+        whiten.forward, net.forward = fp32_whiten, bf16_forward
+        return net
+
+    final: dict = {}
+    show = utils.print_training_details
+
+    def capture(variables, is_final_entry):
+        if is_final_entry:
+            final.update(
+                tta_accuracy=variables["tta_val_acc"], seconds=variables["total_time_seconds"]
+            )
+        show(variables, is_final_entry)
+
+    utils.print_training_details = capture
+    os.chdir(data)  # airbench reads ./cifar10/{train,test}.pt
+    torch.manual_seed(seed)
+    loader = utils.CifarLoader(
+        "cifar10",
+        train=True,
+        batch_size=1024,
+        aug=airbench.lib_airbench94.hyp["aug"],
+        altflip=True,
+        gpu="cpu",
+    )
+    kwargs = {} if epochs is None else {"epochs": epochs}
+    airbench.train94(loader, make_net=make_net, **kwargs)
+    result.write_text(json.dumps({**final, "threads": torch.get_num_threads()}))
+
+
+def write_peer_data(bundle, folder: Path) -> None:
+    """airbench's cifar10/{train,test}.pt (uint8 N×H×W×C) from the toolkit's decode."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, split in (("train", bundle.train), ("test", bundle.test)):
+        torch.save(
+            {
+                "images": split.images.permute(0, 2, 3, 1).contiguous(),
+                "labels": split.labels,
+                "classes": list(bundle.spec.classes),
+            },
+            folder / f"{name}.pt",
+        )
+
+
+# --- ours: the normal CLI --------------------------------------------------------------------
+
+
+def _toolkit(*args: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "toolkit", *args], check=True, cwd=REPO)
+    return time.perf_counter() - start
+
+
+def ours(data_dir: Path, run_dir: Path, seed: int, val_fraction: float | None, epochs) -> dict:
+    """Train and evaluate one run; airbench's timing rule from its files."""
+    import torch
+
+    from toolkit.evaluate.calibrate import checkpoint_logits
+    from toolkit.run.checkpoint import Checkpoint
+    from toolkit.run.folder import read_metrics
+    from toolkit.run.state import load_run_data
+
+    flags = ["--data-dir", str(data_dir), "--seed", str(seed), "--run-dir", str(run_dir)]
+    if val_fraction is not None:
+        flags += ["--val-fraction", str(val_fraction)]
+    if epochs is not None:
+        flags += ["--epochs", str(epochs)]
+    wall = _toolkit("train", "speedrun", *flags)
+    wall += _toolkit("evaluate", str(run_dir))
+    record = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    ckpt = Checkpoint.load(run_dir / "best.pt")
+    test = load_run_data(run_dir, ckpt).test
+    start = time.perf_counter()  # the TTA evaluation, timed as airbench times its own
+    logits = checkpoint_logits(ckpt, test.images, "cpu", tta=config["tta"])
+    tta_seconds = time.perf_counter() - start
+    timed_acc = (logits.argmax(1) == test.labels).float().mean().item()
+    train_seconds = sum(r["seconds"] for r in read_metrics(run_dir))
+    return {
+        "tta_accuracy": record["tta"]["accuracy"],
+        "accuracy_without_tta": record["accuracy"],
+        "timed_tta_accuracy": timed_acc,
+        "seconds": config["prepare_seconds"] + train_seconds + tta_seconds,
+        "prepare_seconds": config["prepare_seconds"],
+        "train_seconds": train_seconds,
+        "tta_seconds": tta_seconds,
+        "wall_seconds": wall,
+        "train_images": config["sizes"]["train"],
+        "selection": config["selection"],
+        "engine": config["engine"],
+        "threads": torch.get_num_threads(),
+    }
+
+
+# --- the comparison --------------------------------------------------------------------------
+
+
+def cpu_facts() -> dict:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), ""
+    )
+    flags = set(next((ln for ln in info.splitlines() if ln.startswith("flags")), "").split())
+    return {
+        "model": model or platform.processor(),
+        "cores": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+    }
+
+
+def subset_folder(source: Path, target: Path, per_class: tuple[int, int]) -> Path:
+    """--quick: a folder of symlinks to the first N images per class of each split."""
+    for split, n in zip(("train", "test"), per_class, strict=True):
+        for cls in sorted((source / split).iterdir()):
+            out = target / split / cls.name
+            out.mkdir(parents=True, exist_ok=True)
+            for f in sorted(cls.iterdir())[:n]:
+                (out / f.name).symlink_to(f.resolve())
+    return target
+
+
+def summary(rows: list[dict]) -> dict:
+    def ms(key):
+        values = [r[key] for r in rows]
+        return {
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        }
+
+    return {k: ms(k) for k in ("tta_accuracy", "seconds", "wall_seconds")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/cifar10")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="1 epoch on a small subset")
+    parser.add_argument("--work", type=Path, help="run folders and peer data (default: tmp)")
+    parser.add_argument("--out", type=Path, help="where the .json/.md go")
+    parser.add_argument("--peer-worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peer_worker:
+        data, seed, epochs, result = args.peer_worker
+        peer_worker(Path(data), int(seed), None if epochs == "-" else float(epochs), Path(result))
+        return
+
+    import torch
+
+    from toolkit.data import DataOptions, load_data
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="speedrun-bench-"))
+    data_dir = args.data_dir.resolve()
+    if args.quick:
+        data_dir = subset_folder(data_dir, work / "subset", QUICK_PER_CLASS)
+    epochs = 1 if args.quick else None
+    bundle = load_data(DataOptions(data_dir=str(data_dir), val_fraction=0.0))
+    write_peer_data(bundle, work / "peer" / "cifar10")
+
+    results: dict = {"peer": [], "ours_all": [], "ours_val": []}
+    for seed in range(args.seeds):
+        result = work / f"peer-{seed}.json"
+        start = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.speedrun",
+                "--peer-worker",
+                str(work / "peer"),
+                str(seed),
+                str(epochs or "-"),
+                str(result),
+            ],
+            check=True,
+            cwd=REPO,
+        )
+        peer = {**json.loads(result.read_text()), "wall_seconds": time.perf_counter() - start}
+        results["peer"].append({"seed": seed, **peer})
+        for key, fraction in (("ours_all", 0.0), ("ours_val", None)):
+            run = work / f"{key}-{seed}"
+            results[key].append({"seed": seed, **ours(data_dir, run, seed, fraction, epochs)})
+
+    stats = {k: summary(v) for k, v in results.items()}
+    peer_s = stats["peer"]["seconds"]["mean"]
+    report = {
+        "cpu": cpu_facts(),
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "data": str(args.data_dir),
+        "sizes": bundle.sizes(),
+        "runs": results,
+        "summary": stats,
+        "targets": {
+            key: {
+                "accuracy_at_least_peer": stats[key]["tta_accuracy"]["mean"]
+                >= stats["peer"]["tta_accuracy"]["mean"],
+                "seconds_ratio": stats[key]["seconds"]["mean"] / peer_s,
+                "at_most_0.8x_seconds": stats[key]["seconds"]["mean"] <= 0.8 * peer_s,
+            }
+            for key in ("ours_all", "ours_val")
+        },
+    }
+    out = args.out or OUT
+    name = "speedrun-quick" if args.quick else "speedrun"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(report))
+    print((out / f"{name}.md").read_text())
+
+
+def yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def markdown(report: dict) -> str:
+    cpu = report["cpu"]
+    n = {k: f"{report['runs'][k][0]['train_images']:,}" for k in ("ours_all", "ours_val")}
+    labels = {
+        "peer": "airbench `train94` (PyPI, CPU shim, bf16 autocast)",
+        "ours_all": f"`toolkit train speedrun --val-fraction 0` ({n['ours_all']}, final weights)",
+        "ours_val": f"`toolkit train speedrun` ({n['ours_val']}, best epoch on val)",
+    }
+    lines = [
+        "# speedrun vs airbench train94 on the CPU"
+        + (" (--quick smoke run)" if report["quick"] else ""),
+        "",
+        f"CPU: {cpu['model']}, {cpu['cores']} cores, AVX512-BF16 {yes(cpu['avx512_bf16'])}, "
+        f"AMX {yes(cpu['amx_bf16'])}; torch {report['torch']}; "
+        f"{len(report['runs']['peer'])} seed(s) each; the same decoded images "
+        f"({report['sizes']['train']:,} train, {report['sizes']['test']:,} test).",
+        "",
+        "| | test acc (TTA), mean ± std | training s (airbench's rule) | wall s |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label in labels.items():
+        s = report["summary"][key]
+        acc, sec, wall = s["tta_accuracy"], s["seconds"], s["wall_seconds"]
+        lines.append(
+            f"| {label} | {acc['mean']:.2%} ± {acc['std']:.2%} | "
+            f"{sec['mean']:.0f} ± {sec['std']:.0f} | {wall['mean']:.0f} |"
+        )
+    lines += ["", "Targets (mean accuracy ≥ the peer's, ≤ 0.8× its training seconds):", ""]
+    for key, t in report["targets"].items():
+        lines.append(
+            f"- {labels[key]}: accuracy {'met' if t['accuracy_at_least_peer'] else 'NOT met'}, "
+            f"{t['seconds_ratio']:.2f}× the peer's seconds "
+            f"({'met' if t['at_most_0.8x_seconds'] else 'NOT met'})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

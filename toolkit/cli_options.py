@@ -1,0 +1,43 @@
+"""Typer parameters derived from the declared options (toolkit.options): `toolkit train` and
+`toolkit reproduce` get a flag per field of DataOptions, TrainConfig and ModelOptions, with
+its type, default and help, and no flag is listed by hand."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import typer
+
+from toolkit.options import Declared
+
+
+def typer_parameter(opt: Declared) -> inspect.Parameter:
+    """One declared option as a Typer parameter: its flag, type, default and help. A recipe
+    option defaults to None: the recipe's value unless the flag is given."""
+    negatable = f"{opt.spelling}/--no-{opt.spelling[2:]}"
+    decls = [negatable] if opt.type is bool else [opt.spelling]
+    by_recipe = opt.flag.recipe
+    help_text = opt.flag.help + (" (default: the recipe's)" if by_recipe else "")
+    option = typer.Option(
+        None if by_recipe else opt.default, *decls, help=help_text, show_default=not by_recipe
+    )
+    return inspect.Parameter(
+        opt.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=option,
+        annotation=Path if opt.flag.path else opt.type,
+    )
+
+
+def with_declared_options(*groups: list[Declared]):
+    """Give a command taking `**flags` a Typer parameter per declared option, after its own
+    parameters: Typer reads the function's signature, so no flag is listed by hand."""
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+        extra = [typer_parameter(o) for group in groups for o in group]
+        fn.__signature__ = inspect.Signature([*own, *extra])
+        return fn
+
+    return decorate
