@@ -128,4 +128,6 @@ def _number(value: Any) -> str:
 
 
 def _percent(value: Any) -> str:
-    return f"{value:.2%}" if isinstance(value, (int, float)) else "n/a"
+    if isinstance(value, (int, float)) and value == value:  # NaN (a run without val) is n/a
+        return f"{value:.2%}"
+    return "n/a"

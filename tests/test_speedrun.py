@@ -297,6 +297,7 @@ def test_speedrun_trains_end_to_end_and_serves_its_tta(tmp_path, cifar_folder):
     report = export_run(run, timing=FAST, tta=True)
     assert report["verification"]["passed"]
     assert report["metadata"]["tta"] == 2
+    assert report["metadata"]["val_accuracy"] is None  # no val: JSON null, never NaN
     assert report["metadata"]["test_accuracy"] == pytest.approx(tta["accuracy"])
     assert report["verification"]["torch_accuracy"] == pytest.approx(tta["accuracy"])
 

@@ -212,7 +212,9 @@ def build_metadata(
         "model": model["name"],
         "model_options": dict(model["options"]),
         "num_params": int(num_params),
-        "val_accuracy": float(ckpt.best_val_acc),
+        # None without a val split (--val-fraction 0), where the run records NaN: the
+        # metadata is JSON, which has no NaN.
+        "val_accuracy": None if math.isnan(ckpt.best_val_acc) else float(ckpt.best_val_acc),
         "toolkit_version": __version__,
         "preprocessing": dict(PREPROCESSING),
         # "probs" is softmax(logits / temperature): calibrated on val (1.0: not calibrated).
