@@ -60,8 +60,8 @@ class RequestError(ValueError):
 
 def triton_name(dataset: str, model: str) -> str:
     """The model's name in a `toolkit export --triton` repository (a folder name, so only
-    [A-Za-z0-9_-]): `cifar10_resnet10` for `cifar10-resnet10`. toolkit/export/triton.py's
-    model_name writes it; tests/test_oip_triton.py checks the two agree."""
+    [A-Za-z0-9_-]): `cifar10_resnet10` for `cifar10-resnet10`. toolkit/export/triton.py
+    names the repository's models with it, so the two servers agree by construction."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{dataset}_{model}")
 
 

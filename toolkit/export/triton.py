@@ -11,9 +11,9 @@ dynamic batching lets the server merge single-image requests into one batch.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
+from serving.oip import triton_name
 from toolkit.atomic import atomic_write_bytes, atomic_write_text
 from toolkit.errors import ToolkitError
 from toolkit.export.onnx_graph import INPUT_NAME, OUTPUT_NAMES
@@ -26,8 +26,8 @@ MAX_QUEUE_DELAY_US = 500
 
 
 def model_name(meta: dict) -> str:
-    """<dataset>_<model>: Triton model names are folder names, so keep to [A-Za-z0-9_-]."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{meta['dataset']}_{meta['model']}")
+    """<dataset>_<model>, the one rule the inference API also answers to (serving.oip)."""
+    return triton_name(meta["dataset"], meta["model"])
 
 
 def config_pbtxt(name: str, meta: dict, max_batch_size: int = MAX_BATCH_SIZE) -> str:

@@ -197,20 +197,13 @@ IMBALANCE_WARNING = 3.0  # largest / smallest class of train above which the log
 
 
 def _log_data_caveats(data: DataBundle) -> None:
-    """What a reader of the run must know about its data, in train.log: held-out splits and
-    class imbalance (config.json records both)."""
+    """What a reader of the run must know about its data, in train.log: no val, a test split
+    held out from train, class imbalance (config.json records all three). A carved val is the
+    documented default and goes unremarked."""
     if not len(data.val):
         log.warning("no val split (--val-fraction 0): no epoch is selected, best.pt = last.pt")
-    for split, carved in (("test", data.test_is_carved), ("val", data.val_is_carved)):
-        if not len(getattr(data, split)):
-            continue
-        if carved:
-            log.warning(
-                "%s: %d images held out from train (the source has no %s split)",
-                split,
-                len(getattr(data, split)),
-                split,
-            )
+    if data.test_is_carved:  # said at load time too, but that was before train.log opened
+        log.warning("test: %d images held out from train (the source has none)", len(data.test))
     skew = imbalance(data.class_counts()["train"])
     if skew["ratio"] >= IMBALANCE_WARNING:
         log.warning(
