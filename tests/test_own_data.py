@@ -238,3 +238,20 @@ def test_the_served_app_shows_a_custom_models_class_names(tmp_path):
     assert list(served.classifier.classes) == ["apple", "pear", "plum"]
     label, _ = classify(served, next((root / "train" / "pear").iterdir()), "pear.png", k=3)
     assert {c["label"] for c in label["confidences"]} == {"apple", "pear", "plum"}
+
+
+def test_a_run_from_before_test_carving_is_refused_an_unhonest_test_split(tmp_path):
+    import dataclasses
+
+    from toolkit.run.checkpoint import Checkpoint
+    from toolkit.run.state import check_run_data
+
+    root = write_mixed_tree(tmp_path / "fruit")
+    run = fit(tiny_config(root, tmp_path / "cache", epochs=1), run_dir=tmp_path / "run").run_dir
+    ckpt = Checkpoint.load(run / "best.pt")
+    data = load_data(DataOptions(**ckpt.config["data"]), seed=0)
+    check_run_data(run, ckpt, data)  # a run that knew of the carve is fine
+    old = dict(ckpt.dataset)
+    del old["test_is_carved"]  # what a checkpoint from before carving holds
+    with pytest.raises(ToolkitError, match="no honest test split is left; add a test/ folder"):
+        check_run_data(run, dataclasses.replace(ckpt, dataset=old), data)
