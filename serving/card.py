@@ -41,17 +41,33 @@ def card_markdown(model: ServedModel) -> str:
             "n/a" if acc is None else f"{acc:.2%} ({_number(model.metrics.get('n'))} images)",
         ),
         ("val accuracy", _percent(info.get("val_accuracy"))),
+        *tta_rows(info, model.metrics),
         *calibration_rows(info, model.metrics),
         ("input", "×".join(str(s) for s in model.classifier.input_size) + " RGB"),
         ("toolkit", str(info.get("toolkit_version", "?"))),
     ]
-    rows += report_rows(model.report)
+    rows += report_rows(model.report, int8=model.precision == "int8")
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     classes = ", ".join(model.classifier.classes)
     return (
         f"### {model.dataset} · {model.model}\n\n| property | value |\n|---|---|\n{table}\n\n"
         f"Classes: {classes}"
     )
+
+
+def tta_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
+    """A model with test-time augmentation in its graph says so: its accuracy is the average
+    over the views, and one prediction costs that many forward passes."""
+    if not info.get("tta"):
+        return []
+    tta = _section(metrics, "tta")
+    views = tta.get("views", "several")
+    without = tta.get("accuracy_without")
+    kinds = "mirror and 1-px shifts" if info["tta"] >= 2 else "mirror"
+    text = f"{views} views ({kinds}) averaged inside the graph"
+    if isinstance(without, (int, float)):
+        text += f"; {without:.2%} test accuracy without them"
+    return [("test-time augmentation", text)]
 
 
 def calibration_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
@@ -87,17 +103,23 @@ def calibration_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def report_rows(report: dict) -> list[tuple[str, str]]:
-    """The export report's headline figures, whichever of them this report has."""
+def report_rows(report: dict, int8: bool = False) -> list[tuple[str, str]]:
+    """The export report's headline figures, whichever of them this report has (`int8`: the
+    served file is the report's INT8 model, so its own agreement with torch is shown)."""
     rows = []
     stats = _section(report, "stats")
     if isinstance(stats.get("macs_per_image"), (int, float)):
         rows.append(("MACs per image", _number(stats["macs_per_image"])))
-    check = _section(report, "verification")
-    if isinstance(check.get("top1_agreement"), (int, float)):
-        rows.append(("ONNX = torch top-1", _percent(check["top1_agreement"])))
-    if isinstance(check.get("max_abs_prob_diff"), (int, float)):
-        rows.append(("max Δ prob vs torch", f"{check['max_abs_prob_diff']:.1e}"))
+    if int8:
+        check = _section(report, "int8")
+        if isinstance(check.get("top1_agreement_vs_torch"), (int, float)):
+            rows.append(("INT8 ONNX = torch top-1", _percent(check["top1_agreement_vs_torch"])))
+    else:
+        check = _section(report, "verification")
+        if isinstance(check.get("top1_agreement"), (int, float)):
+            rows.append(("ONNX = torch top-1", _percent(check["top1_agreement"])))
+        if isinstance(check.get("max_abs_prob_diff"), (int, float)):
+            rows.append(("max Δ prob vs torch", f"{check['max_abs_prob_diff']:.1e}"))
     latency = report.get("latency")
     for row in latency if isinstance(latency, list) else []:
         if (

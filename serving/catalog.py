@@ -71,16 +71,24 @@ class ServedModel:
 
     @property
     def test_accuracy(self) -> float | None:
-        value = self.metrics.get("accuracy", self.info.get("test_accuracy"))
+        """The served graph's own figure (the export's: with its TTA views, or the INT8
+        model's), else the packaged evaluation's plain one."""
+        value = self.info.get("test_accuracy")
+        if not isinstance(value, (int, float)):
+            value = self.metrics.get("accuracy")
         return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def precision(self) -> str:
+        """ "fp32", or what the file was converted to ("int8": model.json says so)."""
+        return str(self.info.get("precision") or "fp32")
 
     @property
     def label(self) -> str:
         """How the model picker lists it: dataset, model, test accuracy, size."""
         accuracy = "n/a" if self.test_accuracy is None else f"{self.test_accuracy:.1%}"
-        return (
-            f"{self.dataset} · {self.model} · test acc {accuracy} · {self.size_bytes / 1e6:.2f} MB"
-        )
+        model = self.model + ("" if self.precision == "fp32" else f" {self.precision}")
+        return f"{self.dataset} · {model} · test acc {accuracy} · {self.size_bytes / 1e6:.2f} MB"
 
 
 @dataclass
@@ -93,8 +101,11 @@ class Catalog:
 
     @property
     def default(self) -> str:
-        """The most accurate model (the first: models are sorted best first)."""
-        return next(iter(self.models))
+        """The most accurate fp32 model (models are sorted best first). A converted twin
+        (INT8) is shipped for speed: its accuracy differs from its source's by noise, so it
+        never becomes the default over it."""
+        full = [key for key, m in self.models.items() if m.precision == "fp32"]
+        return (full or list(self.models))[0]
 
     def get(self, key: str | None) -> ServedModel:
         """The model named `key` (None or "" -> the default); KeyError lists the valid ones."""

@@ -58,11 +58,14 @@ class RequestError(ValueError):
         self.headers = headers or {}
 
 
-def triton_name(dataset: str, model: str) -> str:
+def triton_name(meta: dict[str, Any]) -> str:
     """The model's name in a `toolkit export --triton` repository (a folder name, so only
-    [A-Za-z0-9_-]): `cifar10_resnet10` for `cifar10-resnet10`. toolkit/export/triton.py
-    names the repository's models with it, so the two servers agree by construction."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{dataset}_{model}")
+    [A-Za-z0-9_-]), from its metadata: `cifar10_resnet10` for `cifar10-resnet10`, with
+    `_int8` (or `_fp16`) for a converted model. toolkit/export/triton.py names the
+    repository's models with it, so the two servers agree by construction."""
+    precision = meta.get("precision")
+    suffix = f"_{precision}" if precision and precision != "fp32" else ""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{meta['dataset']}_{meta['model']}{suffix}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class ModelSpec:
         meta = classifier.metadata
         return cls(
             key=key,
-            names=tuple(dict.fromkeys([key, triton_name(meta["dataset"], meta["model"])])),
+            names=tuple(dict.fromkeys([key, triton_name(meta)])),
             input=TensorSpec(graph_input.name, "FP32", [batch, 3, *classifier.input_size]),
             outputs=tuple(
                 TensorSpec(o.name, DATATYPES.get(o.type, o.type), [batch, len(classifier.classes)])

@@ -493,7 +493,7 @@ def test_int8_report_fields(trained_run, exported):
     assert precision(int8_model) == "int8"
     assert q["size_mb"] == pytest.approx(int8_path.stat().st_size / 1e6)
     assert q["size_ratio"] < 0.6  # int8 weights: well under the fp32 file
-    assert read_metadata(int8_model) == report["metadata"]
+    assert read_metadata(int8_model) == {**report["metadata"], "precision": "int8"}
     assert count_macs(int8_model) == report["stats"]["macs_per_image"]
 
     config = json.loads((trained_run / "config.json").read_text())
@@ -570,7 +570,7 @@ def test_fp16_conversion_keeps_fp32_io_and_metadata(exported):
     assert precision(half) == "fp16"
     for value in (*half.graph.input, *half.graph.output):
         assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert read_metadata(half) == read_metadata(fp32)
+    assert read_metadata(half) == {**read_metadata(fp32), "precision": "fp16"}
     assert count_macs(half) == count_macs(fp32)
     # onnxruntime's CPU provider runs fp16 graphs too: the numbers must stay close.
     x = np.random.default_rng(3).random((16, 3, 32, 32), dtype=np.float32)

@@ -99,7 +99,7 @@ def test_tritonclient_sees_a_live_ready_server_and_every_model(client, catalog):
         client.get_server_metadata()["extensions"]
     )
     for key, served in catalog.models.items():
-        for name in (key, triton_name(served.dataset, served.model)):
+        for name in (key, triton_name(served.classifier.metadata)):
             assert client.is_model_ready(name) and client.is_model_ready(name, "1")
             meta = client.get_model_metadata(name)
             assert meta["name"] == name
@@ -110,7 +110,7 @@ def test_tritonclient_sees_a_live_ready_server_and_every_model(client, catalog):
 def test_tritonclient_infer_on_real_test_images_agrees_with_the_page(client, catalog):
     for key, served in catalog.models.items():
         paths = real_images(catalog, key)
-        answered = top1_with(client, triton_name(served.dataset, served.model), paths)
+        answered = top1_with(client, triton_name(served.classifier.metadata), paths)
         # The page's own function (tests/test_oip_server.py shows /classify and the page agree).
         page = [classify(served, path, path.name)[0]["confidences"][0]["label"] for path in paths]
         assert answered == page, key
@@ -173,9 +173,12 @@ def test_our_names_are_the_triton_repository_names(catalog, triton_repository):
     from toolkit.export.triton import model_name
 
     folders = sorted(p.name for p in triton_repository.iterdir())
-    assert folders == sorted(triton_name(m.dataset, m.model) for m in catalog.models.values())
+    assert folders == sorted(triton_name(m.classifier.metadata) for m in catalog.models.values())
     for meta in ({"dataset": "stl10", "model": "net"}, {"dataset": "my data", "model": "r.v2"}):
-        assert triton_name(meta["dataset"], meta["model"]) == model_name(meta)
+        assert triton_name(meta) == model_name(meta)
+    # A converted model is another model beside its fp32 one: its own name.
+    int8 = {"dataset": "cifar10", "model": "speedrun", "precision": "int8"}
+    assert model_name(int8) == "cifar10_speedrun_int8"
 
 
 def test_v2_metadata_agrees_with_the_exported_config_pbtxt(client, catalog, triton_repository):

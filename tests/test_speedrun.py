@@ -13,11 +13,14 @@ import pytest
 import torch
 from torch import nn
 
+from serving.card import card_markdown
+from serving.catalog import load_model
+from serving.oip import triton_name
 from tests.training import fit_interrupted_in_second_epoch, tiny_config
 from toolkit.data import DataOptions
 from toolkit.data.carve import carve
 from toolkit.evaluate import evaluate_run
-from toolkit.export import export_run
+from toolkit.export import export_run, package_run
 from toolkit.export.bench import Timing
 from toolkit.export.onnx_graph import ExportHead, export_classifier
 from toolkit.models import NormalizedClassifier, create_model
@@ -300,6 +303,38 @@ def test_speedrun_trains_end_to_end_and_serves_its_tta(tmp_path, cifar_folder):
     assert report["metadata"]["val_accuracy"] is None  # no val: JSON null, never NaN
     assert report["metadata"]["test_accuracy"] == pytest.approx(tta["accuracy"])
     assert report["verification"]["torch_accuracy"] == pytest.approx(tta["accuracy"])
+
+
+def test_a_tta_model_ships_with_its_own_accuracy_and_an_int8_twin(tmp_path, cifar_folder):
+    """Packaged for the app, the picker and the card show the served graph's accuracy (with
+    its TTA views, not the plain net's), the INT8 twin its own; both load and agree."""
+    config = tiny_config(
+        cifar_folder, tmp_path, "speedrun", epochs=1, lr=None, model_options={"width": 4}
+    )
+    run = fit(config, run_dir=tmp_path / "run").run_dir
+    record = evaluate_run(run, device="cpu")
+    report = export_run(run, timing=FAST, tta=True, int8=True)
+    fp32 = load_model(package_run(run, tmp_path / "artifacts"))
+    int8 = load_model(package_run(run, tmp_path / "artifacts", "speedrun-int8", variant="int8"))
+
+    assert fp32.test_accuracy == pytest.approx(record["tta"]["accuracy"])
+    assert int8.test_accuracy == pytest.approx(report["int8"]["accuracy"])
+    shipped = (tmp_path / "artifacts" / "speedrun-int8" / "model.onnx").read_bytes()
+    assert shipped == (run / "export" / "model.int8.onnx").read_bytes()
+    card = card_markdown(fp32)
+    assert "| test-time augmentation | 6 views (mirror and 1-px shifts) averaged" in card
+    assert f"{record['accuracy']:.2%} test accuracy without them" in card
+    assert " speedrun int8 · " in int8.label and " speedrun · " in fp32.label
+    # Served side by side, the two answer to different Triton names.
+    assert triton_name(int8.classifier.metadata) == triton_name(fp32.classifier.metadata) + "_int8"
+    int8_card = card_markdown(int8)
+    agreement = report["int8"]["top1_agreement_vs_torch"]
+    assert f"| INT8 ONNX = torch top-1 | {agreement:.2%} |" in int8_card
+    assert "| ONNX = torch top-1 |" not in int8_card  # that is the fp32 file's figure
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    a, b = fp32.classifier.predict_arrays(images), int8.classifier.predict_arrays(images)
+    assert a.shape == b.shape == (4, 10) and np.allclose(a.sum(1), 1, atol=1e-4)
+    assert np.abs(a - b).max() < 0.2  # the same model, in 8 bits
 
 
 def test_a_resumed_speedrun_run_is_exact(tmp_path, cifar_folder):

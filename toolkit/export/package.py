@@ -7,7 +7,10 @@
         failures.json  failures/<index>.png            from RUN/eval/ (known failure examples)
     artifacts/examples/<dataset>/<class>_<n>.png       a few real test images per dataset
 
-The serving app reads only this layout, so it never needs torch or the run folder.
+The serving app reads only this layout, so it never needs torch or the run folder. With
+variant="int8" the export's model.int8.onnx is packaged as the folder's model.onnx, and its
+model.json carries the INT8 model's own test accuracy (the export measured it) and
+"precision": "int8", so the model card shows the INT8 model's agreement with torch.
 """
 
 from __future__ import annotations
@@ -16,18 +19,26 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from toolkit.atomic import atomic_folder, remove_stale_temp
+from toolkit.atomic import atomic_folder, atomic_write_json, remove_stale_temp
 from toolkit.errors import ToolkitError
+from toolkit.export.quantize import INT8_FILE
 from toolkit.run.folder import read_json
 
 EXPORT_FILES = ("model.onnx", "model.json", "export-report.json")
 EVAL_FILES = ("metrics.json", "confusion_matrix.png", "reliability_diagram.png", "failures.json")
 
 
-def package_run(run_dir: Path, artifacts_dir: Path, name: str | None = None) -> Path:
-    """Copy RUN/export and RUN/eval outputs into artifacts_dir/name; returns that folder."""
+def package_run(
+    run_dir: Path, artifacts_dir: Path, name: str | None = None, variant: str | None = None
+) -> Path:
+    """Copy RUN/export and RUN/eval outputs into artifacts_dir/name; returns that folder.
+    `variant` "int8" ships the export's INT8 model instead of the fp32 one."""
     run_dir, artifacts_dir = Path(run_dir), Path(artifacts_dir)
+    if variant not in (None, "int8"):
+        raise ValueError(f"unknown variant {variant!r}: None or 'int8'")
     sources = [run_dir / "export" / f for f in EXPORT_FILES]
+    if variant:
+        sources.append(run_dir / "export" / INT8_FILE)
     sources += [run_dir / "eval" / f for f in EVAL_FILES]
     missing = [str(p) for p in sources if not p.is_file()]
     if missing:
@@ -45,10 +56,25 @@ def package_run(run_dir: Path, artifacts_dir: Path, name: str | None = None) -> 
     with atomic_folder(target) as staging:
         for path in sources:
             shutil.copy2(path, staging / path.name)
+        if variant:
+            _swap_in_int8(staging)
         failures = run_dir / "eval" / "failures"
         if failures.is_dir():
             shutil.copytree(failures, staging / "failures")
     return target
+
+
+def _swap_in_int8(folder: Path) -> None:
+    """The INT8 model becomes the folder's model.onnx, described by its own accuracy."""
+    int8 = read_json(folder / "export-report.json").get("int8")
+    if not isinstance(int8, dict):
+        raise ToolkitError(
+            f"'{folder.name}': the export has no INT8 model; run `toolkit export --int8` first"
+        )
+    (folder / INT8_FILE).replace(folder / "model.onnx")
+    meta = read_json(folder / "model.json")
+    meta = {**meta, "test_accuracy": int8["accuracy"], "precision": "int8"}
+    atomic_write_json(folder / "model.json", meta)
 
 
 def _check_export_is_whole(export_dir: Path) -> None:

@@ -83,7 +83,7 @@ def quantize_int8(
         except Exception as exc:  # an operator the quantizer cannot handle, a bad graph...
             raise ToolkitError(f"INT8 quantization failed: {str(exc).strip()[:300]}") from exc
         quantized = onnx.load(str(int8))
-    _copy_metadata(model, quantized)
+    _copy_metadata(model, quantized, "int8")
     return quantized
 
 
@@ -96,14 +96,16 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     # The converter appends the input/output Casts at the end of the node list, which
     # onnx.checker rejects (nodes must be topologically sorted).
     half.topological_sort()
-    _copy_metadata(model, half.model)
+    _copy_metadata(model, half.model, "fp16")
     return half.model
 
 
-def _copy_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
-    # The quantizer and the converter rebuild the model; its self-description must survive.
+def _copy_metadata(source: onnx.ModelProto, target: onnx.ModelProto, precision: str) -> None:
+    # The quantizer and the converter rebuild the model; its self-description must survive,
+    # and says which precision it is (a server holding both tells them apart by it).
     del target.metadata_props[:]
     target.metadata_props.extend(source.metadata_props)
+    target.metadata_props.add(key="precision", value=precision)
     target.doc_string = source.doc_string
     target.producer_name, target.producer_version = source.producer_name, source.producer_version
 

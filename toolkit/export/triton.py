@@ -27,7 +27,7 @@ MAX_QUEUE_DELAY_US = 500
 
 def model_name(meta: dict) -> str:
     """<dataset>_<model>, the one rule the inference API also answers to (serving.oip)."""
-    return triton_name(meta["dataset"], meta["model"])
+    return triton_name(meta)
 
 
 def config_pbtxt(name: str, meta: dict, max_batch_size: int = MAX_BATCH_SIZE) -> str:

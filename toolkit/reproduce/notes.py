@@ -81,9 +81,18 @@ def splits(rows: Sequence[dict], dataset: str) -> list[str]:
         "- **train** — accuracy measured while training, on batches as trained (with the "
         "recipe's augmentation and dropout, where it has them): it understates the fit.",
         f"- **reference** — the figures reported in SEED_EXPERIMENTS.md are on "
-        f"{REFERENCE_SPLIT.get(dataset, 'an unstated split')}.",
+        f"{REFERENCE_SPLIT.get(dataset, 'an unstated split')}"
+        + "".join(f"; {name}'s is {note}" for name, note in _beyond_the_seeds(rows).items())
+        + ".",
         "",
     ]
+
+
+def _beyond_the_seeds(rows: Sequence[dict]) -> dict[str, str]:
+    """experiment -> where its reported figure is from, for rows whose figure is not a seed's
+    (a reference with both a figure and a note names its source)."""
+    refs = {r["experiment"]: r["planned"].experiment.reference for r in rows}
+    return {name: ref.note for name, ref in refs.items() if ref.accuracy is not None and ref.note}
 
 
 def _reached(row: dict | None) -> str:

@@ -80,7 +80,8 @@ def build_plan(
     device: str = "auto",
     only: Sequence[str] | None = None,
 ) -> list[PlannedRun]:
-    """Every (experiment, recipe) of `dataset` as a planned run under OUT/runs/.
+    """Every (experiment, recipe) of `dataset` as a planned run under OUT/runs/ (the recipes
+    each experiment runs under: see Experiment.recipes).
 
     `epochs` overrides every recipe's epoch count, so seed and default get the same budget;
     None keeps each recipe's own (300 for the seed recipe: the reference's budget).
@@ -102,6 +103,7 @@ def build_plan(
         )
         for r in chosen
         for exp in experiments
+        if r in exp.recipes
     ]
 
 

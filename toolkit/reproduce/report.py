@@ -86,7 +86,8 @@ def summarise(run: PlannedRun) -> dict | None:
         "best_epoch": state.best_epoch,
         "final_train_acc": history[-1]["train_acc"],
         "final_val_acc": history[-1]["val_acc"],
-        "test_acc": float(test["accuracy"]),
+        # TTA is part of the model when the run has it: the accuracy the export serves.
+        "test_acc": float((test.get("tta") or {}).get("accuracy", test["accuracy"])),
         "test_images": int(test["n"]),
         "onnx_bs1_ms": onnx_latency_ms(read_json(folder / EXPORT_DIR / EXPORT_REPORT)),
         "reference_acc": exp.reference.accuracy,

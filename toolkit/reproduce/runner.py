@@ -93,7 +93,8 @@ def execute(plan: Sequence[PlannedRun], out: Path, *, timing: Timing | None = No
             bundle = data.get(run.config)
             evaluate_run(run.run_dir, split="test", device=run.config.device, data=bundle)
         if fresh or not state.exported:
-            export_run(run.run_dir, timing=timing)
+            # A model trained with TTA is served with it (speedrun): its views in the graph.
+            export_run(run.run_dir, timing=timing, tta=bool(run.config.tta))
     outcome.report = write_report(plan, Path(out))
     return outcome
 
