@@ -19,6 +19,7 @@ from serving.oip import triton_name
 from tests.training import fit_interrupted_in_second_epoch, tiny_config
 from toolkit.data import DataOptions
 from toolkit.data.carve import carve
+from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run
 from toolkit.export import export_run, package_run
 from toolkit.export.bench import Timing
@@ -335,6 +336,17 @@ def test_a_tta_model_ships_with_its_own_accuracy_and_an_int8_twin(tmp_path, cifa
     a, b = fp32.classifier.predict_arrays(images), int8.classifier.predict_arrays(images)
     assert a.shape == b.shape == (4, 10) and np.allclose(a.sum(1), 1, atol=1e-4)
     assert np.abs(a - b).max() < 0.2  # the same model, in 8 bits
+
+    # A report without an INT8 section (a later plain export beside a stale INT8 file) is
+    # refused rather than shipped with another model's figures.
+    report_file = run / "export" / "export-report.json"
+    plain = {k: v for k, v in json.loads(report_file.read_text()).items() if k != "int8"}
+    report_file.write_text(json.dumps(plain))
+    with pytest.raises(ToolkitError, match=r"has no INT8 model; run `toolkit export --int8` first"):
+        package_run(run, tmp_path / "artifacts", "stale-int8", variant="int8")
+    assert not (tmp_path / "artifacts" / "stale-int8").exists()
+    with pytest.raises(ValueError, match="unknown variant 'fp16'"):
+        package_run(run, tmp_path / "artifacts", variant="fp16")
 
 
 def test_a_resumed_speedrun_run_is_exact(tmp_path, cifar_folder):
