@@ -43,6 +43,7 @@ def card_markdown(model: ServedModel) -> str:
         ("val accuracy", _percent(info.get("val_accuracy"))),
         *tta_rows(info, model.metrics),
         *calibration_rows(info, model.metrics),
+        *audit_rows(model.metrics, model.failures),
         ("input", "×".join(str(s) for s in model.classifier.input_size) + " RGB"),
         ("toolkit", str(info.get("toolkit_version", "?"))),
     ]
@@ -53,6 +54,31 @@ def card_markdown(model: ServedModel) -> str:
         f"### {model.dataset} · {model.model}\n\n| property | value |\n|---|---|\n{table}\n\n"
         f"Classes: {classes}"
     )
+
+
+def audit_rows(metrics: dict, failures: list) -> list[tuple[str, str]]:
+    """What a data audit of the test split found (toolkit audit, read by toolkit evaluate):
+    the accuracy without the images it flagged, and the known failures whose label it
+    doubts. Evaluations from before audits existed say nothing."""
+    if "audit" not in metrics:
+        return []
+    audit = metrics["audit"] or {}
+    if audit.get("audit") is None:
+        return [("data audit", "none run on this data")]
+    try:
+        excluded = audit["excluded"]
+        accuracy = audit["accuracy"].get("tta") or audit["accuracy"]["plain"]
+        text = (
+            f"{excluded['leaked_from_train']:,} test images repeat a training image and "
+            f"{excluded['label_doubted']:,} labels look wrong; "
+            f"{_percent(accuracy['without_flagged'])} accuracy without them"
+        )
+    except (KeyError, TypeError, AttributeError, ValueError):  # a hand-edited metrics.json
+        return []
+    doubted = sum(1 for f in failures if f.label_doubt)
+    if doubted:
+        text += f"; {doubted} of the known failures are likely label errors"
+    return [("data audit", text)]
 
 
 def tta_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:

@@ -40,10 +40,16 @@ class Failure:
     predicted: str
     confidence: float
     path: Path
+    # The class a data audit suggests when it doubts the given label (toolkit audit): the
+    # model may be right and the label wrong.
+    label_doubt: str | None = None
 
     @property
     def caption(self) -> str:
-        return f"{self.true} → {self.predicted} ({self.confidence:.0%})"
+        text = f"{self.true} → {self.predicted} ({self.confidence:.0%})"
+        if self.label_doubt:
+            text += f" · label likely wrong — the audit suggests {self.label_doubt}"
+        return text
 
 
 @dataclass
@@ -194,6 +200,7 @@ def load_failures(folder: Path) -> list[Failure]:
                 str(entry["predicted"]),
                 float(entry["confidence"]),
                 image,
+                _label_doubt(entry),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"'{path}' entry {n} is malformed ({exc!r})") from exc
@@ -204,6 +211,13 @@ def load_failures(folder: Path) -> list[Failure]:
     for failure in failures:
         check_image(failure.path, inside=folder)
     return failures
+
+
+def _label_doubt(entry: dict) -> str | None:
+    doubt = entry.get("label_doubt")
+    if doubt is None:
+        return None
+    return str(doubt["suggested"])
 
 
 def load_examples(folder: Path) -> dict[str, list[Path]]:

@@ -1,7 +1,8 @@
 """The toolkit from Python (a notebook, a script): each command line step as one function.
 
-    from toolkit.api import train, evaluate, export, predict
+    from toolkit.api import audit, train, evaluate, export, predict
 
+    checked = audit("my_images")                             # toolkit audit my_images
     run = train("lenet5", data_dir="my_images", epochs=10)  # toolkit train lenet5 --data-dir ...
     report = evaluate(run)                                   # toolkit evaluate RUN
     exported = export(run)                                   # toolkit export RUN
@@ -22,6 +23,25 @@ if TYPE_CHECKING:  # importing this module loads no torch: predict() needs none
     from toolkit.train.trainer import RunResult
 
 Run = Union["RunResult", str, Path]
+
+
+def audit(data_dir: str | Path | None = None, **options):
+    """Audit a class-folder tree (or `splits=`, `dataset=`): duplicates across splits, label
+    errors, outliers, odd and unreadable images; `options` are `toolkit audit`'s flags by
+    field name (out=..., model=..., folds=..., write_splits=...). Returns the AuditResult:
+    its `folder` (issues.csv, summary.json, report.html), `summary` and `findings`."""
+    from toolkit.audit import AuditOptions, audit_data
+    from toolkit.data import DataOptions
+    from toolkit.options import declared
+
+    audit_fields = {o.name for o in declared(AuditOptions)}
+    data = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    data = {k: v for k, v in data.items() if k not in audit_fields}
+    if data_dir is not None:
+        data["data_dir"] = str(Path(data_dir).resolve())
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    chosen = AuditOptions(**{k: v for k, v in given.items() if k in audit_fields})
+    return audit_data(DataOptions(**data), chosen)
 
 
 def train(model: str, run_dir: str | Path | None = None, **options) -> RunResult:

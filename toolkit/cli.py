@@ -5,17 +5,22 @@ Errors a user can cause arrive as ToolkitError and leave as one red line with ex
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
+from toolkit.cli_audit import audit_cmd
 from toolkit.cli_options import with_declared_options
+from toolkit.cli_output import (
+    console,
+    err_console,
+    friendly_errors,
+    refuse_options_besides,
+    summary_table,
+    table,
+)
 from toolkit.data.specs import DataOptions
 from toolkit.errors import ToolkitError
 from toolkit.options import declared, given_values
@@ -27,37 +32,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _refuse_options_besides(ctx: typer.Context, *allowed: str, why: str) -> None:
-    """Fail when the user gave options (or arguments) that this call would ignore."""
-    # By name: Typer vendors its own copy of click, whose ParameterSource is another enum.
-    given = [
-        param.opts[0] if param.opts[0].startswith("-") else param.name.upper()
-        for param in ctx.command.params
-        if param.name not in allowed
-        and ctx.get_parameter_source(param.name).name not in ("DEFAULT", "DEFAULT_MAP")
-    ]
-    if given:
-        raise ToolkitError(f"{why}; drop {', '.join(given)}")
-
-
-def friendly_errors(fn):
-    """Turn ToolkitError into one red line and exit code 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ToolkitError as exc:
-            # escape(): a message quoting a path like 'runs/[x]' must not be read as markup.
-            message = f"[red]error:[/red] {escape(str(exc))}"
-            err_console.print(message, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 @app.callback()
@@ -69,39 +43,6 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log librar
     handler = RichHandler(console=get_console(), show_path=False, show_time=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
     logging.getLogger("toolkit").setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-def _table(title: str, rows: list[dict], columns: list[str] | None = None) -> Table:
-    columns = columns or (list(rows[0]) if rows else [])
-    table = Table(title=title)
-    for c in columns:
-        left = c in ("model", "run", "options", "name", "description")
-        table.add_column(c, justify="left" if left else "right")
-    for row in rows:
-        table.add_row(*[_fmt(row.get(c, "")) for c in columns])
-    return table
-
-
-def _summary(title: str, values: dict) -> Table:
-    """A two-column key/value table, readable at any terminal width."""
-    table = Table(title=title, show_header=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for key, value in values.items():
-        table.add_row(key, _fmt(value))
-    return table
-
-
-def _fmt(value) -> str:
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value)
-    if isinstance(value, float):
-        if abs(value) < 1:
-            return f"{value:.4f}"
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:,.1f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -127,7 +68,7 @@ def models_cmd(
                 "description": entry.description,
             }
         )
-    console.print(_table(f"models ({num_classes} classes, {image_size}x{image_size})", rows))
+    console.print(table(f"models ({num_classes} classes, {image_size}x{image_size})", rows))
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -148,7 +89,7 @@ def train_cmd(
     from toolkit.train.trainer import resume as resume_run
 
     if resume is not None:
-        _refuse_options_besides(ctx, "resume", why="--resume continues a run with its own options")
+        refuse_options_besides(ctx, "resume", why="--resume continues a run with its own options")
         result = resume_run(resume)
     else:
         if model is None:
@@ -159,7 +100,7 @@ def train_cmd(
     if not result.is_main:  # under torchrun only rank 0 reports
         return
     console.print(
-        _summary(
+        summary_table(
             "run summary",
             {
                 "run": str(result.run_dir),
@@ -199,7 +140,7 @@ def evaluate_cmd(
     raw, calibrated, selective = c["raw"], c["calibrated"], c["selective"]
     threshold = selective["threshold"]
     console.print(
-        _summary(
+        summary_table(
             "evaluation",
             {
                 "run": summary["run"],
@@ -208,6 +149,7 @@ def evaluate_cmd(
                 "accuracy": summary["accuracy"],
                 "top-5 accuracy": summary["top5_accuracy"] or "— (5 classes or fewer)",
                 **_tta_row(summary.get("tta")),
+                **_audit_rows(summary["audit"]),
                 "loss": summary["loss"],
                 "macro F1": summary["macro_f1"],
                 "temperature (val)": c["temperature"],
@@ -223,6 +165,23 @@ def evaluate_cmd(
             f"{summary['split']} split); say so when quoting this accuracy[/yellow]"
         )
     console.print(f"reports written to {summary['eval_dir']}")
+
+
+def _audit_rows(audit: dict) -> dict:
+    """The accuracy without the images a data audit flagged, or that none was run."""
+    if audit["audit"] is None:
+        return {"data audit": audit["note"]}
+    excluded = audit["excluded"]
+    without = {
+        f"accuracy{' with TTA' if name == 'tta' else ''} without flagged": a["without_flagged"]
+        for name, a in audit["accuracy"].items()
+    }
+    return {
+        "data audit": audit["audit"],
+        "flagged (excluded below)": f"{excluded['total']:,} ({excluded['leaked_from_train']:,} "
+        f"repeat a train image, {excluded['label_doubted']:,} doubtful labels)",
+        **without,
+    }
 
 
 def _tta_row(tta: dict | None) -> dict:
@@ -247,7 +206,7 @@ def compare_cmd(
     from toolkit.evaluate import compare_runs
 
     rows = compare_runs(runs, out_dir=out)
-    console.print(_table("comparison", rows))
+    console.print(table("comparison", rows))
 
 
 # --- reproduce -------------------------------------------------------------------------------
@@ -284,7 +243,7 @@ def reproduce_cmd(
             for r in csv.DictReader(f)
         ]
     columns = ["experiment", "recipe", "epochs", "best_val_acc", "test_acc", "reference_acc"]
-    console.print(_table("reproduce results", rows, columns))
+    console.print(table("reproduce results", rows, columns))
     console.print(f"report: {outcome.report}", highlight=False, soft_wrap=True)
     if outcome.interrupted:
         console.print(f"interrupted in {outcome.interrupted}; run the same command to continue")
@@ -341,6 +300,11 @@ def package_cmd(
 
     target = package_run(resolve_run(run), artifacts, name)
     console.print(f"packaged into {target}; serve with: toolkit serve --artifacts {artifacts}")
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+app.command("audit")(audit_cmd)
 
 
 # --- predict ---------------------------------------------------------------------------------

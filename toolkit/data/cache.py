@@ -22,7 +22,7 @@ from toolkit.data.specs import DatasetSpec
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: each image's file name (`paths`)
 SPLITS = ("train", "val", "test")
 
 

@@ -138,13 +138,19 @@ def decode_files(
     return out[:kept], failures
 
 
-def decode_listed(listed: dict[str, Listed], size: int, allocate: Allocate = in_memory) -> dict:
-    """Decode every split; the result also holds every bad file found, as 'where: why'."""
-    out, bad = {}, []
+def decode_listed(
+    listed: dict[str, Listed], size: int, root: Path, allocate: Allocate = in_memory
+) -> dict:
+    """Decode every split; the result also holds every bad file found, as 'where: why', and
+    each decoded image's file relative to `root` (`paths`: what an audit reports)."""
+    out, bad, paths = {}, [], {}
     for split, entry in listed.items():
         target = allocate(split, len(entry.paths), size)
         images, failures = decode_files(entry.paths, size, f"{split} images", target)
         labels = np.delete(entry.labels, list(failures))
+        paths[split] = [
+            relative_name(p, root) for i, p in enumerate(entry.paths) if i not in failures
+        ]
         bad += entry.bad + [entry.failure(i, why) for i, why in failures.items()]
         if not len(labels):
             raise ToolkitError(
@@ -152,7 +158,17 @@ def decode_listed(listed: dict[str, Listed], size: int, allocate: Allocate = in_
             )
         out[split] = as_tensors(images, labels)
     out["bad_files"] = [str(b) for b in sorted(bad)]
+    out["paths"] = paths
     return out
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """How a file is named in reports: relative to the data root, '/'-separated (a split
+    file may list a file outside its folder: then its absolute path)."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
 
 
 def _bad_summary(bad: list) -> str:

@@ -202,7 +202,7 @@ def load_data(options: DataOptions, seed: int = 0) -> DataBundle:
         listing, listed = lister(spec, path)
         file = cache.cache_path(data_root, spec, source, size, listing)
         allocate = _allocator(file, listed, size, options.memory_gb)
-        build = lambda: decode_listed(listed, size, allocate)  # noqa: E731
+        build = lambda: decode_listed(listed, size, path, allocate)  # noqa: E731
 
     tensors = cache.load_or_build(file, build)
     # Caches from before bad files were recorded hold none: they were only written when
@@ -242,9 +242,12 @@ def _carved_bundle(tensors, options, spec, size, source, seed, bad) -> DataBundl
         check_enough_per_class(labels, spec, carved)
     parts = {s: Split(*tensors[s]) for s in ("val", "test") if s in tensors}
     keep = torch.arange(len(labels))
+    names = source_names(tensors)
+    paths = {s: names[s] for s in ("val", "test") if s in tensors}
     if "test" in carved:
         keep, held = carve(labels, options.test_fraction, TEST_SEED, "test")
         parts["test"] = Split(take(images, held), labels[held])
+        paths["test"] = [names["train"][i] for i in held.tolist()]
         log.warning(
             "%s has no test split: %d images (%.0f%% of train, stratified, seed %d) are held "
             "out as test; the run records it",
@@ -256,7 +259,9 @@ def _carved_bundle(tensors, options, spec, size, source, seed, bad) -> DataBundl
     if "val" in carved:
         tr, va = carve(labels[keep], options.val_fraction, seed, "val")
         parts["val"] = Split(take(images, keep[va]), labels[keep[va]])
+        paths["val"] = [names["train"][i] for i in keep[va].tolist()]
         keep = keep[tr]
+    paths["train"] = [names["train"][i] for i in keep.tolist()]
     train = Split(take(images, keep), labels[keep]) if carved else Split(images, labels)
     return DataBundle(
         spec=spec,
@@ -271,4 +276,16 @@ def _carved_bundle(tensors, options, spec, size, source, seed, bad) -> DataBundl
         val_is_carved="val" in carved,
         test_is_carved="test" in carved,
         skipped=bad,
+        paths={s: tuple(p) for s, p in paths.items()},
     )
+
+
+def source_names(tensors: dict) -> dict[str, list[str]]:
+    """Each decoded image's name, split by split: its file relative to the source's folder,
+    or '<split>/<row>' for the official files (and caches from before names were kept)."""
+    names = tensors.get("paths") or {}
+    return {
+        split: list(names.get(split) or (f"{split}/{i}" for i in range(len(tensors[split][1]))))
+        for split in ("train", "val", "test")
+        if split in tensors
+    }

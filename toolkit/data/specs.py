@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from toolkit.errors import ToolkitError
@@ -176,6 +176,9 @@ class DataBundle:
     val_is_carved: bool
     test_is_carved: bool = False
     skipped: tuple[str, ...] = ()  # bad files left out under --bad-files skip: 'where: why'
+    # Each image's file, split by split (toolkit.data.sources.source_names): not part of the
+    # data's identity (the fingerprint is the pixels), but what an audit finding names.
+    paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def info(self) -> dict:
         """The dataset facts stored in checkpoints and, later, in ONNX metadata."""

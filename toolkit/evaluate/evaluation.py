@@ -30,6 +30,7 @@ from toolkit.data import DataBundle, Split
 from toolkit.data.specs import imbalance
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import plots
+from toolkit.evaluate.audited import audit_report
 from toolkit.evaluate.calibrate import calibrate_run, checkpoint_logits
 from toolkit.evaluate.calibration import (
     calibration_metrics,
@@ -76,7 +77,12 @@ def evaluate_run(
     logits = checkpoint_logits(ckpt, chosen.images, device)
     metrics = compute_metrics(chosen.labels, logits, ckpt.dataset["classes"])
     metrics["calibration"] = calibration_report(logits, chosen.labels, calibration)
-    metrics["tta"] = tta_report(ckpt, chosen, logits, device)
+    metrics["tta"], tta_logits = tta_report(ckpt, chosen, logits, device)
+    predictions = {"plain": logits.argmax(1)}
+    if tta_logits is not None:
+        predictions["tta"] = tta_logits.argmax(1)
+    data_root = ckpt.config.get("data", {}).get("data_root")
+    metrics["audit"], doubts = audit_report(data, split, chosen.labels, predictions, data_root)
 
     out = run_dir / EVAL_DIRS[split]
     # A killed evaluation's staging folder; two evaluations of one split at once are not
@@ -87,28 +93,31 @@ def evaluate_run(
     # image) lingers beside the new ones.
     metrics["data"] = data_report(data, split)
     with atomic_folder(out) as staging:
-        record = _write_evaluation(staging, run_dir, ckpt, chosen, logits, metrics, split)
+        record = _write_evaluation(staging, run_dir, ckpt, chosen, logits, metrics, split, doubts)
     log.info("%s accuracy %.4f, reports in %s", split, metrics["accuracy"], out)
     keys = (
         *("split", "n", "accuracy", "top5_accuracy", "loss", "macro_f1"),
-        *("checkpoint_epoch", "calibration", "data", "tta"),
+        *("checkpoint_epoch", "calibration", "data", "tta", "audit"),
     )
     return {**{k: record[k] for k in keys}, "run": str(run_dir), "eval_dir": str(out)}
 
 
-def tta_report(ckpt: Checkpoint, chosen: Split, logits: torch.Tensor, device: str) -> dict:
+def tta_report(
+    ckpt: Checkpoint, chosen: Split, logits: torch.Tensor, device: str
+) -> tuple[dict, torch.Tensor | None]:
     """The accuracy with the run's test-time augmentation (--tta, part of the model when
-    used: `toolkit export --tta` serves it) beside the plain one; level 0: no TTA."""
+    used: `toolkit export --tta` serves it) beside the plain one, and the TTA logits; level
+    0: no TTA (and None)."""
     level = int(ckpt.config.get("tta", 0))
     plain = (logits.argmax(1) == chosen.labels).float().mean().item()
     if not level:
-        return {"level": 0, "accuracy_without": plain}
+        return {"level": 0, "accuracy_without": plain}, None
     start = time.perf_counter()
     tta_logits = checkpoint_logits(ckpt, chosen.images, device, tta=level)
     seconds = time.perf_counter() - start  # airbench counts its TTA evaluation as training time
     accuracy = (tta_logits.argmax(1) == chosen.labels).float().mean().item()
     log.info("with TTA (level %d): accuracy %.4f (without: %.4f)", level, accuracy, plain)
-    return {
+    report = {
         "level": level,
         "views": TTAClassifier(nn.Identity(), level).views,
         "accuracy": accuracy,
@@ -116,6 +125,7 @@ def tta_report(ckpt: Checkpoint, chosen: Split, logits: torch.Tensor, device: st
         "loss": F.cross_entropy(tta_logits, chosen.labels).item(),
         "seconds": seconds,
     }
+    return report, tta_logits
 
 
 def _pick_split(data: DataBundle, split: str, run_dir: Path) -> Split:
@@ -163,12 +173,14 @@ def _write_evaluation(
     logits: torch.Tensor,
     metrics: dict,
     split: str,
+    doubts: dict[int, str],
 ) -> dict:
     """Every file of an evaluation into `out`; returns metrics.json's record."""
     classes = list(ckpt.dataset["classes"])
     _write_reports(out, metrics, classes)
     # With the served (calibrated) confidence: the gallery shows what the app would say.
-    _write_failures(out, chosen, logits / metrics["calibration"]["temperature"], classes)
+    calibrated = logits / metrics["calibration"]["temperature"]
+    _write_failures(out, chosen, calibrated, classes, doubts)
     title = f"{ckpt.model['name']} · {split} accuracy {metrics['accuracy']:.2%}"
     cm_png = plots.confusion_matrix_png(metrics["confusion"], classes, title)
     atomic_write_bytes(out / "confusion_matrix.png", cm_png)
@@ -181,6 +193,7 @@ def _write_evaluation(
         "calibration": metrics["calibration"],
         "data": metrics["data"],
         "tta": metrics["tta"],
+        "audit": metrics["audit"],
         "checkpoint_epoch": ckpt.epoch,
         "model": ckpt.model,
         "dataset": {k: ckpt.dataset[k] for k in ("name", "image_size", "source", "fingerprint")},
@@ -216,8 +229,11 @@ def _write_reports(out: Path, metrics: dict, classes: list[str]) -> None:
     write_csv_rows(out / "per_class.csv", [*columns, "train_images"], rows)
 
 
-def _write_failures(out: Path, split: Split, logits: torch.Tensor, classes: list[str]) -> None:
-    """failures/<index>.png, failures.json and the failures.png grid."""
+def _write_failures(
+    out: Path, split: Split, logits: torch.Tensor, classes: list[str], doubts: dict[int, str]
+) -> None:
+    """failures/<index>.png, failures.json and the failures.png grid; a failure whose label
+    the data audit doubts says which class it suggests (the model may be right)."""
     entries, images, titles = [], [], []
     for f in select_failures(split.labels, logits):
         chw = split.images[f["index"]].numpy()
@@ -227,10 +243,13 @@ def _write_failures(out: Path, split: Split, logits: torch.Tensor, classes: list
             "predicted": classes[f["predicted"]],
             "file": f"failures/{f['index']}.png",
         }
+        if f["index"] in doubts:
+            entry["label_doubt"] = {"suggested": doubts[f["index"]]}
         atomic_write_bytes(out / entry["file"], plots.image_png(chw))
         entries.append(entry)
         images.append(chw)
-        titles.append(f"{entry['true']} → {entry['predicted']} ({entry['confidence']:.2f})")
+        doubt = " · label?" if "label_doubt" in entry else ""
+        titles.append(f"{entry['true']} → {entry['predicted']} ({entry['confidence']:.2f}){doubt}")
     atomic_write_json(out / "failures.json", entries)
     atomic_write_bytes(out / "failures.png", plots.failures_png(images, titles))
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from toolkit import seams
 from toolkit.atomic import WriteError, atomic_write_bytes
+from toolkit.audit.record import find_audit
 from toolkit.data import DataBundle, load_data
 from toolkit.data.specs import imbalance
 from toolkit.errors import ToolkitError, first_line
@@ -132,7 +133,7 @@ def _train(config, run_dir, data, resumed, dist: distributed.Context, device) ->
             dist.world_size,
         )
         if dist.is_main:
-            _log_data_caveats(data)
+            _log_data_caveats(data, config.data.data_root)
         if resumed is not None and dist.is_main:
             repair_run_folder(run_dir, resumed)
         train, val = on_device(data.train, device), on_device(data.val, device)
@@ -196,9 +197,10 @@ def _train(config, run_dir, data, resumed, dist: distributed.Context, device) ->
 IMBALANCE_WARNING = 3.0  # largest / smallest class of train above which the log says so
 
 
-def _log_data_caveats(data: DataBundle) -> None:
+def _log_data_caveats(data: DataBundle, data_root: str | None) -> None:
     """What a reader of the run must know about its data, in train.log: no val, a test split
-    held out from train, class imbalance (config.json records all three). A carved val is the
+    held out from train, class imbalance (config.json records all three), and test images
+    that an audit of this data found repeating training images. A carved val is the
     documented default and goes unremarked."""
     if not len(data.val):
         log.warning("no val split (--val-fraction 0): no epoch is selected, best.pt = last.pt")
@@ -212,6 +214,15 @@ def _log_data_caveats(data: DataBundle) -> None:
             skew["ratio"],
             skew["largest"],
             skew["smallest"],
+        )
+    audit = find_audit(data.fingerprint, data_root)
+    leaked = audit.summary["counts"]["test_images_leaking_from_train"] if audit else 0
+    if leaked:
+        log.warning(
+            "the audit of this data (%s) found %d test image(s) repeating a training image: "
+            "test accuracy is partly memory; `toolkit evaluate` also reports it without them",
+            audit.folder,
+            leaked,
         )
 
 
