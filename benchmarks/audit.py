@@ -37,10 +37,16 @@ THRESHOLDS = (0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98)
 
 
 def cpu_name() -> str:
+    """The model name and whether the CPU has the bf16 units `--amp auto` trains with."""
+    name, flags = platform.processor() or "unknown", set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    bf16 = "with" if flags & {"avx512_bf16", "amx_bf16"} else "without"
+    return f"{name} ({vector}, {bf16} bf16 instructions)"
 
 
 def _near_copy(path: Path, kind: int, rng) -> Image.Image:
@@ -277,12 +283,13 @@ def _pct(x) -> str:
 def markdown(report: dict) -> str:
     """The tables of audit.md (the prose around them is written by hand into README.md)."""
     results = report["results"]
-    any_result = next(iter(results.values()))
-    settings = ", ".join(f"{k} {v}" for k, v in any_result["settings"].items())
+    newest = results.get("real") or next(iter(results.values()))
+    settings = ", ".join(f"{k} {v}" for k, v in newest["settings"].items())
     lines = [
         "# `toolkit audit` on the real CIFAR-10",
         "",
-        f"Machine: {report['cpu']}, {report['cores']} cores. Settings (the defaults): {settings}.",
+        f"Machine: {report['cpu']}, {report['cores']} cores. Settings (the defaults, as `real` "
+        f"and `human` ran; `uniform` ran at near_threshold 0.9): {settings}.",
         f"Reproduce: `{report['command']}`.",
         "",
         "## Time (all 60,000 images and the planted copies)",
@@ -355,7 +362,29 @@ def markdown(report: dict) -> str:
             f"{by[i]['train']:,} / {by[i]['val']:,} / {by[i]['test']:,}" for i in ISSUE_NAMES
         )
         lines.append(f"| {kind} | {cells} | {r['counts']['test_images_leaking_from_train']:,} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + HISTORY
+
+
+# What earlier runs of this benchmark measured, kept because the defaults were chosen on them.
+HISTORY = """
+## How the defaults were chosen (earlier runs, same machine, planted `uniform` copy)
+
+- A first run with 4 epochs per fold model, cleanlab's default filter and the embedding
+  alone for near-duplicates (11.7 min): the default `prune_by_noise_rate` flagged 6,487
+  images at precision 0.32 / recall 0.82, while ranking by self-confidence at cleanlab's own
+  estimate of the count (4,037) reached 0.52 / 0.84: `low_self_confidence` became the rule.
+  Near-duplicates by embedding similarity alone: recall 0.67 at 0.95 (shifts 0.22), and
+  2,345 test images matched at the 0.88 that reached 0.94 recall: a classifier's embedding
+  puts every confident image of a class close to the others. The pixel check that aligns a
+  pair by up to 2 px replaced it.
+- Then 8 epochs per fold (the fold models' train accuracy rose from 69 % to 78 %) and the
+  image-and-mirror average: the runs below. `uniform` ran at the earlier near-duplicate
+  threshold of 0.90; its sweep shows the same planted recall (98.3 %) at 0.92, the highest
+  threshold that loses no planted pair, which became the default before `real` and `human`.
+- During the `uniform` and `real` runs the test suite ran beside them at the lowest priority
+  (nice 19), and during `human` a fresh clone's `make install` (nice 10): their times are
+  upper bounds, `human`'s most of all.
+"""
 
 
 ISSUE_NAMES = ("unreadable", "exact_duplicate", "near_duplicate", "label", "outlier", "odd_image")

@@ -163,7 +163,7 @@ def decode_listed(
 
 
 def relative_name(path: Path, root: Path) -> str:
-    """How a file is named in reports: relative to the data root, '/'-separated (a split
+    """How a file is named in reports: relative to the source's folder, '/'-separated (a split
     file may list a file outside its folder: then its absolute path)."""
     try:
         return Path(path).relative_to(root).as_posix()
