@@ -264,6 +264,27 @@ def test_provider_choice(monkeypatch):
 # --- the catalog -----------------------------------------------------------------------------
 
 
+def test_a_model_that_no_longer_gives_its_recorded_answers_is_not_served(
+    served_artifacts, tmp_path, caplog
+):
+    """Its known failures are the evaluation's most confident mistakes: when the model
+    answers one differently here (an INT8 model on a CPU without VNNI), it is left out."""
+    root = tmp_path / "artifacts"
+    shutil.copytree(served_artifacts, root)
+    recorded = root / "stl10-net" / "failures.json"
+    failures = json.loads(recorded.read_text())
+    assert failures
+    first = failures[0]
+    first["predicted"] = next(c for c in STL10_CLASSES if c not in (first["predicted"],))
+    recorded.write_text(json.dumps(failures))
+    catalog = load_catalog(root)
+    assert list(catalog.models) == ["cifar10-net"]
+    assert "not serving stl10-net: 1 of its" in caplog.text
+    shutil.rmtree(root / "cifar10-net")
+    with pytest.raises(ArtifactError, match="gives its recorded answers on this machine"):
+        load_catalog(root)
+
+
 def test_catalog_lists_models_best_first(catalog):
     assert list(catalog.models) == ["cifar10-net", "stl10-net"]
     assert catalog.default == "cifar10-net"

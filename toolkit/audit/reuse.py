@@ -77,9 +77,9 @@ def onnx_outputs(path: Path, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     try:
         classifier = OnnxClassifier(path, providers=["CPUExecutionProvider"])
         model = onnx.load(str(path))
-    except (ArtifactError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
-        raise ToolkitError(f"cannot use --model '{path}': {first_line(exc)}") from exc
-    except Exception as exc:  # a damaged protobuf
+    except ArtifactError as exc:  # it names the file and the fix
+        raise ToolkitError(f"cannot use --model: {first_line(exc, 300)}") from exc
+    except Exception as exc:  # a damaged protobuf, an unreadable file
         raise ToolkitError(
             f"--model '{path}' is not a readable ONNX model ({first_line(exc)})"
         ) from exc
