@@ -72,7 +72,7 @@ def onnx_outputs(path: Path, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     import onnx
     import onnxruntime as ort
 
-    from serving.classifier import ArtifactError, OnnxClassifier
+    from serving.classifier import ArtifactError, OnnxClassifier, softmax
 
     try:
         classifier = OnnxClassifier(path, providers=["CPUExecutionProvider"])
@@ -109,8 +109,7 @@ def onnx_outputs(path: Path, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
                 feature = feature.reshape(-1, len(batch), *feature.shape[1:]).mean(0)
                 feature = feature.reshape(len(batch), -1)
                 if output == "logits":
-                    out = np.exp(out - out.max(1, keepdims=True))
-                    out /= out.sum(1, keepdims=True)
+                    out = softmax(out)
                 out = out.reshape(2, len(batch), -1).mean(0)
                 if embeddings is None:
                     embeddings = np.empty((len(rows), feature.shape[1]), dtype=np.float32)
