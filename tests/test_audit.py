@@ -355,10 +355,20 @@ def test_the_python_api_audits_with_the_clis_options(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case",
-    ["no-folder", "one-class", "garbage-model", "missing-model", "bad-folds"],
+    "case, message",
+    [
+        ("no-folder", "does not exist"),
+        ("one-class", "a classifier needs at least 2"),
+        ("garbage-model", "cannot use --model"),
+        ("missing-model", "neither a run folder nor a model.onnx"),
+        ("other-classes-model", "audit with a model of this data"),
+        ("bad-folds", "--folds must be at least 2"),
+        ("bad-threshold", "--near-threshold must be in (0, 1]"),
+        ("out-not-empty", "is not empty; pass another --out"),
+        ("official-write-splits", "audit a class-folder copy (--data-dir)"),
+    ],
 )
-def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(case, message, tmp_path, trained_run):
     folder = tmp_path / "data"
     args = ["audit", str(folder), "--out", str(tmp_path / "out")]
     if case != "no-folder":
@@ -371,10 +381,20 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
         args += ["--model", str(tmp_path / "model.onnx")]
     if case == "missing-model":
         args += ["--model", str(tmp_path / "nowhere")]
+    if case == "other-classes-model":  # a CIFAR-10 run for a folder of three fruits
+        args += ["--model", str(trained_run)]
     if case == "bad-folds":
         args += ["--folds", "1"]
+    if case == "bad-threshold":
+        args += ["--near-threshold", "1.5"]
+    if case == "out-not-empty":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("mine")
+    if case == "official-write-splits":
+        args = ["audit", "--dataset", "cifar10", "--no-download", "--write-splits", "x"]
     done = runner.invoke(app, args)
     assert done.exit_code == 2, done.output
     lines = done.output.strip().splitlines()
     assert lines[0].startswith("error:"), done.output
+    assert message in " ".join(done.output.split()), done.output
     assert len(" ".join(lines)) < 400

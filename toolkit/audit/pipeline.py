@@ -77,6 +77,11 @@ def audit_data(data: DataOptions, options: AuditOptions) -> AuditResult:
     # The source's own splits: no val carved out of train (train is checked whole), and
     # files that do not decode are findings, not a reason to stop.
     data = replace(data, val_fraction=0.0, bad_files="skip")
+    if options.write_splits and not (data.data_dir or data.splits):  # before any work
+        raise ToolkitError(
+            "--write-splits lists image files, and the official CIFAR-10/STL-10 files hold "
+            "arrays: audit a class-folder copy (--data-dir) to write split files"
+        )
     with stage("load"):
         bundle = load_data(data)
     rows = Rows.of(bundle)

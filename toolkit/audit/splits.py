@@ -20,11 +20,6 @@ from toolkit.errors import ToolkitError
 
 def write_clean_splits(rows: Rows, findings: list[Finding], out: Path) -> dict:
     """Write the split files into `out`; returns {split: images written}."""
-    if rows.bundle.source["kind"] == "official":
-        raise ToolkitError(
-            "--write-splits lists image files, and the official CIFAR-10/STL-10 files hold "
-            "arrays: audit a class-folder copy (--data-dir) to write split files"
-        )
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
