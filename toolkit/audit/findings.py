@@ -111,12 +111,8 @@ def counts(findings: list[Finding], rows: Rows) -> dict:
     per = {issue: {s: 0 for s in SPLITS} for issue in ISSUES}
     for f in findings:
         per[f.issue][f.split] += 1
-    leaks = Counter(
-        f"{f.split}->{f.related_split}" for f in findings if f.crosses_splits and f.issue != "label"
-    )
-    flagged = Counter()
-    for split, paths in _flagged_paths(findings).items():
-        flagged[split] = len(paths)
+    # Only duplicate pairs relate two images, so only they can cross splits.
+    leaks = Counter(f"{f.split}->{f.related_split}" for f in findings if f.crosses_splits)
     images = {s: int((rows.split == s).sum()) for s in SPLITS}
     return {
         "images": images,
@@ -125,12 +121,5 @@ def counts(findings: list[Finding], rows: Rows) -> dict:
         "test_images_leaking_from_train": len(
             {f.path for f in findings if f.split == "test" and f.leaks_into_train}
         ),
-        "flagged_images": {s: flagged.get(s, 0) for s in SPLITS},
+        "flagged_images": {s: len({f.path for f in findings if f.split == s}) for s in SPLITS},
     }
-
-
-def _flagged_paths(findings: list[Finding]) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {s: set() for s in SPLITS}
-    for f in findings:
-        out.setdefault(f.split, set()).add(f.path)
-    return out
