@@ -20,9 +20,10 @@ from toolkit.models import count_parameters, create_model
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import read_metrics
 from toolkit.train import recipes
-from toolkit.train.batches import BatchAugment, Normalizer, epoch_batches, steps_per_epoch
+from toolkit.train.batches import BatchAugment, Normalizer, epoch_batches
 from toolkit.train.config import TrainConfig
 from toolkit.train.engine import StepOptions, predict_logits, train_one_epoch
+from toolkit.train.fit_data import steps_per_epoch
 from toolkit.train.optim import lr_factor
 from toolkit.train.precision import Precision, resolve_amp
 from toolkit.train.trainer import fit

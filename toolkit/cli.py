@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from toolkit.cli_audit import audit_cmd
-from toolkit.cli_options import with_declared_options
+from toolkit.cli_options import BareValueGroup, with_declared_options
 from toolkit.cli_output import (
     console,
     err_console,
@@ -27,6 +27,7 @@ from toolkit.options import declared, given_values
 from toolkit.train.config import ModelOptions, TrainConfig
 
 app = typer.Typer(
+    cls=BareValueGroup,
     help="Train, honestly evaluate, export to ONNX and serve small image classifiers.",
     no_args_is_help=True,
     add_completion=False,
@@ -53,9 +54,15 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log librar
 def models_cmd(
     image_size: int = typer.Option(32, help="Input size used for the parameter counts."),
     num_classes: int = typer.Option(10),
+    backbones: bool = typer.Option(
+        False, help="Also measure a curated table of CPU-friendly timm backbones (~20 s)."
+    ),
+    backbone_size: int = typer.Option(64, help="Input size of the backbones' MACs."),
 ):
-    """List the registered models, their parameter counts and options."""
+    """List the registered models (parameters, options, input rule); --backbones adds
+    CPU-friendly timm backbones (any timm architecture trains as timm/<name>)."""
     from toolkit.models import MODELS, count_parameters, create_model
+    from toolkit.models.registry import count_macs
 
     rows = []
     for name, entry in MODELS.items():
@@ -65,10 +72,26 @@ def models_cmd(
                 "name": name,
                 "params": params,
                 "options": " ".join("--" + o.replace("_", "-") for o in entry.options),
+                "input": entry.input_rule,
                 "description": entry.description,
             }
         )
     console.print(table(f"models ({num_classes} classes, {image_size}x{image_size})", rows))
+    if not backbones:
+        console.print("and any timm architecture as timm/<name>: `toolkit models --backbones`")
+        return
+    from toolkit.models.timm_backbones import CURATED
+
+    size = (backbone_size, backbone_size)
+    measured = []
+    for arch in CURATED:
+        net = create_model(f"timm/{arch}", num_classes, size)
+        macs = count_macs(net, size)
+        measured.append(
+            {"name": f"timm/{arch}", "params": count_parameters(net), "MMACs": f"{macs / 1e6:.1f}"}
+        )
+    title = f"timm backbones ({num_classes} classes, MACs at {backbone_size}x{backbone_size})"
+    console.print(table(title, measured))
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -118,7 +141,13 @@ def train_cmd(
             f"interrupted; continue with: toolkit train --resume {result.run_dir}", soft_wrap=True
         )
         raise typer.Exit(130)
+    _say_if_learned_nothing(result.learned_nothing, "on val")
     console.print(f"next: toolkit evaluate {result.run_dir}", soft_wrap=True)
+
+
+def _say_if_learned_nothing(verdict: str | None, where: str) -> None:
+    if verdict:
+        console.print(f"[bold red]this model learned nothing: {where} {verdict}[/bold red]")
 
 
 # --- evaluate / compare ----------------------------------------------------------------------
@@ -159,6 +188,7 @@ def evaluate_cmd(
             },
         )
     )
+    _say_if_learned_nothing(summary["learned_nothing"], f"on {summary['split']}")
     if summary["data"]["split_is_carved"]:
         console.print(
             f"[yellow]the {summary['split']} images were held out from train (the data has no "

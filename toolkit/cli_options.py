@@ -8,8 +8,14 @@ import inspect
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
 from toolkit.options import Declared
+from toolkit.train.config import DEFAULT_WEIGHTS
+
+# Flags whose value may be left out, and what they then mean (click's parser wants a value
+# for every option that takes one, so a bare one is given it before parsing).
+BARE_VALUES = {"--pretrained": DEFAULT_WEIGHTS}
 
 
 def typer_parameter(opt: Declared) -> inspect.Parameter:
@@ -41,3 +47,21 @@ def with_declared_options(*groups: list[Declared]):
         return fn
 
     return decorate
+
+
+def with_bare_values(args: list[str]) -> list[str]:
+    """`--pretrained` last or before another flag -> `--pretrained default`."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg in BARE_VALUES and (following is None or following.startswith("-")):
+            out.append(BARE_VALUES[arg])
+    return out
+
+
+class BareValueGroup(TyperGroup):
+    """The command group, reading BARE_VALUES flags without a value."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, with_bare_values(list(args)))

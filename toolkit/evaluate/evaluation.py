@@ -38,6 +38,7 @@ from toolkit.evaluate.calibration import (
     scaled_probs,
     selective_result,
 )
+from toolkit.evaluate.chance import learned_nothing
 from toolkit.evaluate.metrics import compute_metrics, select_failures
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import read_metrics, write_csv_rows
@@ -78,6 +79,10 @@ def evaluate_run(
     metrics = compute_metrics(chosen.labels, logits, ckpt.dataset["classes"])
     metrics["calibration"] = calibration_report(logits, chosen.labels, calibration)
     metrics["tta"], tta_logits = tta_report(ckpt, chosen, logits, device)
+    classes = ckpt.dataset["classes"]
+    metrics["learned_nothing"] = learned_nothing(logits.argmax(1), chosen.labels, classes)
+    if metrics["learned_nothing"]:
+        log.warning("this model learned nothing: on %s %s", split, metrics["learned_nothing"])
     predictions = {"plain": logits.argmax(1)}
     if tta_logits is not None:
         predictions["tta"] = tta_logits.argmax(1)
@@ -97,7 +102,7 @@ def evaluate_run(
     log.info("%s accuracy %.4f, reports in %s", split, metrics["accuracy"], out)
     keys = (
         *("split", "n", "accuracy", "top5_accuracy", "loss", "macro_f1"),
-        *("checkpoint_epoch", "calibration", "data", "tta", "audit"),
+        *("checkpoint_epoch", "calibration", "data", "tta", "audit", "learned_nothing"),
     )
     return {**{k: record[k] for k in keys}, "run": str(run_dir), "eval_dir": str(out)}
 
@@ -194,6 +199,7 @@ def _write_evaluation(
         "data": metrics["data"],
         "tta": metrics["tta"],
         "audit": metrics["audit"],
+        "learned_nothing": metrics["learned_nothing"],  # None, or why it is at chance
         "checkpoint_epoch": ckpt.epoch,
         "model": ckpt.model,
         "dataset": {k: ckpt.dataset[k] for k in ("name", "image_size", "source", "fingerprint")},

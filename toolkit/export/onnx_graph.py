@@ -118,6 +118,22 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _drop_converted_reduce_attribute(model: onnx.ModelProto) -> None:
+    """onnx's version converter takes a ReduceMean (and kin) below opset 18 (axes back to an
+    attribute) but keeps its `noop_with_empty_axes`, an attribute only opset 18 has and
+    onnx.checker then refuses (timm's global average pool). At 0, its default, it means
+    nothing; at 1 there is no older equivalent."""
+    for node in model.graph.node:
+        if not node.op_type.startswith("Reduce"):
+            continue
+        for attribute in list(node.attribute):
+            if attribute.name != "noop_with_empty_axes":
+                continue
+            if attribute.i:
+                raise ToolkitError(f"{node.op_type} with noop_with_empty_axes=1 needs opset 18")
+            node.attribute.remove(attribute)
+
+
 def torch_to_onnx(
     head: nn.Module, input_shape: tuple[int, int, int], opset: int
 ) -> onnx.ModelProto:
@@ -170,6 +186,7 @@ def torch_to_onnx(
                 f"cannot convert the exported graph to opset {opset}: {first_line(exc, 200)}; "
                 f"pass another --opset in {MIN_OPSET}..{max_opset()} (default {DEFAULT_OPSET})"
             ) from exc
+        _drop_converted_reduce_attribute(model)
     written = {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")}
     if written != {opset}:
         raise ToolkitError(f"ONNX export wrote opset {sorted(written)}, not {opset}")

@@ -18,6 +18,7 @@ from toolkit.reproduce.experiments import Experiment, select_experiments
 from toolkit.run.folder import read_json, read_metrics
 from toolkit.run.state import best_row, current_evaluation, current_export
 from toolkit.train.config import TrainConfig
+from toolkit.train.fit_data import fit_to_data
 
 RECIPE_CHOICES = ("seed", "default", "both")
 _CACHE_ONLY = ("data_root", "download")  # data options that do not change the images
@@ -157,14 +158,12 @@ def run_state(run: PlannedRun) -> RunState:
     best = best_row(history)
     epoch = best["epoch"] if best else 0
     config_file = run.run_dir / "config.json"
-    fingerprint = (
-        read_json(config_file).get("dataset_info", {}).get("fingerprint")
-        if config_file.is_file()
-        else None
-    )
+    stored = read_json(config_file) if config_file.is_file() else {}
+    fingerprint = stored.get("dataset_info", {}).get("fingerprint")
     return RunState(
         epochs_done=len(history),
-        epochs=run.config.epochs,
+        # What the run set out to do: its recipe may have been fitted to the data.
+        epochs=stored.get("epochs", run.config.epochs),
         best_epoch=epoch,
         # A stale evaluation or export (of an earlier best.pt, or other data) counts as missing.
         evaluated=bool(fingerprint) and bool(current_evaluation(run.run_dir, epoch, fingerprint)),
@@ -177,7 +176,10 @@ def check_same_config(run: PlannedRun) -> None:
     path = run.run_dir / "config.json"
     if not path.is_file():
         return
-    stored, planned = read_json(path), asdict(run.config)
+    stored, config = read_json(path), run.config
+    if "sizes" in stored:  # the plan, as fitting it to that run's data changed it
+        config = fit_to_data(config, stored["sizes"]["train"])
+    planned = asdict(config)
     # Folders written before a data option existed hold its default.
     stored["data"] = {**asdict(DataOptions()), **stored.get("data", {})}
     # Neither the device nor where the decoded cache lives changes what is trained (fit checks

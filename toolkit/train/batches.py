@@ -27,26 +27,27 @@ def on_device(split: Split, device: torch.device) -> Split:
 
 
 def epoch_batches(
-    n: int, batch_size: int, generator: torch.Generator, world_size: int = 1
+    n: int,
+    batch_size: int,
+    generator: torch.Generator,
+    world_size: int = 1,
+    weights: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """A seeded random order of range(n), cut into global batches of `batch_size`.
 
+    With `weights` (one per image) the epoch is n draws with replacement in proportion to
+    them instead: --balance sampler gives every class the same share of the batches.
     A last batch too small to give every rank two images is dropped (BatchNorm cannot train
     on one image; with one process this drops only a batch of one).
     """
-    batches = list(torch.randperm(n, generator=generator).split(batch_size))
+    if weights is None:
+        order = torch.randperm(n, generator=generator)
+    else:
+        order = torch.multinomial(weights, n, replacement=True, generator=generator)
+    batches = list(order.split(batch_size))
     if len(batches) > 1 and len(batches[-1]) < 2 * world_size:
         batches.pop()
     return batches
-
-
-def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
-    """len(epoch_batches(n, batch_size, ..., world_size)) without drawing an order."""
-    steps = math.ceil(n / batch_size)
-    last = n - (steps - 1) * batch_size
-    if steps > 1 and last < 2 * world_size:
-        steps -= 1
-    return steps
 
 
 def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -72,6 +73,9 @@ class BatchAugment:
     cut_x: torch.Tensor | None = None
     cutout: int = 0
     pad: int = CROP_PADDING  # reflect padding of the crop: the largest translation
+    # --resized-crop: per image (width, height, x centre, y centre) of the crop, as fractions
+    # of the image in affine_grid's [-1, 1] coordinates
+    box: torch.Tensor | None = None
 
     @classmethod
     def draw(
@@ -83,13 +87,17 @@ class BatchAugment:
         cutout: int,
         translate: int = 0,
         flips: torch.Tensor | None = None,
+        resized_crop: float = 0.0,
     ) -> BatchAugment:
         """`crop_flip`: crop of the 4-px padded image and a random flip; `translate` N
-        crops the N-px padded image instead; `flips` (the batch's alternating flips)
-        replace the random ones."""
+        crops the N-px padded image instead, `resized_crop` a random crop of at least that
+        share of the area resized back; `flips` (the batch's alternating flips) replace the
+        random ones."""
         h, w = size
-        pad = translate or (CROP_PADDING if crop_flip else 0)
+        pad = 0 if resized_crop else translate or (CROP_PADDING if crop_flip else 0)
         values: dict = {"cutout": cutout, "pad": pad}
+        if resized_crop:
+            values["box"] = _resized_crop_boxes(n, resized_crop, generator)
         if pad:
             values["dy"] = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
             values["dx"] = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -106,7 +114,7 @@ class BatchAugment:
 
     def select(self, part: slice) -> BatchAugment:
         """The parameters of the images `part` of the batch."""
-        pick = {k: getattr(self, k) for k in ("dy", "dx", "flip", "cut_y", "cut_x")}
+        pick = {k: getattr(self, k) for k in ("dy", "dx", "flip", "cut_y", "cut_x", "box")}
         return BatchAugment(
             **{k: v[part] if v is not None else None for k, v in pick.items()},
             cutout=self.cutout,
@@ -114,6 +122,8 @@ class BatchAugment:
         )
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
+        if self.box is not None:
+            images = _resize_crops(images, self.box)
         if self.dy is not None:
             images = _crop(images, self.dy, self.dx, self.pad)
         if self.flip is not None:
@@ -138,6 +148,36 @@ def _crop(images: torch.Tensor, dy, dx, p: int) -> torch.Tensor:
     cropped = padded.gather(2, rows.expand(n, c, h, w + 2 * p))
     cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
     return cropped.gather(3, cols.expand(n, c, h, w))
+
+
+# The crop's aspect ratio (width / height) is drawn log-uniformly in this range (torchvision's
+# RandomResizedCrop default).
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def _resized_crop_boxes(n: int, min_area: float, generator: torch.Generator) -> torch.Tensor:
+    """n random crops (width, height, x centre, y centre), each covering a share of the
+    image's area drawn uniformly in [min_area, 1], its aspect in CROP_RATIO, placed
+    uniformly where it fits; sides are fractions of the image's."""
+    area = min_area + (1 - min_area) * torch.rand(n, generator=generator)
+    low, high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    ratio = torch.exp(low + (high - low) * torch.rand(n, generator=generator))
+    width = (area * ratio).sqrt().clamp(max=1.0)
+    height = (area / ratio).sqrt().clamp(max=1.0)
+    # Centres in affine_grid's coordinates ([-1, 1] spans the image): the crop stays inside.
+    cx = (1 - width) * (2 * torch.rand(n, generator=generator) - 1)
+    cy = (1 - height) * (2 * torch.rand(n, generator=generator) - 1)
+    return torch.stack([width, height, cx, cy], 1)
+
+
+def _resize_crops(images: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Each image's crop resized (bilinear) back to the full size, in one grid_sample."""
+    box = box.to(images.device, images.dtype)
+    theta = torch.zeros(len(images), 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0], theta[:, 1, 1] = box[:, 0], box[:, 1]
+    theta[:, 0, 2], theta[:, 1, 2] = box[:, 2], box[:, 3]
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", align_corners=False)
 
 
 def _cutout(images: torch.Tensor, cut_y, cut_x, size: int) -> torch.Tensor:

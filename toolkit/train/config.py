@@ -16,6 +16,8 @@ from toolkit.options import as_flags, declared, given_values, option, recipe_opt
 from toolkit.train import recipes
 
 ON_NAN = ("stop", "skip")  # --on-nan: what a non-finite loss does
+BALANCE = ("none", "weights", "sampler")  # --balance: what an imbalanced train split gets
+DEFAULT_WEIGHTS = "default"  # a bare --pretrained: the architecture's default pretrained tag
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,36 @@ class TrainConfig:
         "Test-time augmentation the model is evaluated with: 0 none, 1 flip, 2 flip and "
         "1-px translations (toolkit evaluate reports with and without; export --tta)."
     )
+    # The fine-tuning techniques (recipe finetune); off in every other recipe.
+    resized_crop: float = recipe_option(
+        "Random resized crop: each image a random crop of at least this share of its area "
+        "(aspect 3:4 to 4:3) resized back, replacing --augment's 4-px crop (0: off)."
+    )
+    freeze_epochs: int = recipe_option("Train only the classifier head for the first N epochs.")
+    backbone_lr_scale: float = recipe_option(
+        "lr multiplier of everything but the classifier head (pretrained layers move slower)."
+    )
     # The run's own options; the engine ones (device, amp, compile) change how it runs, not
     # what it learns: config.json's "engine" block records what they resolved to.
-    recipe: str = option("default", "default (modern, fast) or seed (the reference).")
+    recipe: str | None = option(
+        None,
+        "default (modern, fast), seed (the reference) or finetune (AdamW, warm-up, a slower "
+        "backbone, resized crops: the default with --pretrained).",
+    )
     model_options: dict = field(default_factory=dict)  # ModelOptions the model takes
     seed: int = option(0, "Seed of the weights, the val carve, the order and augmentation.")
+    pretrained: str | None = option(
+        None,
+        "Start a timm/<arch> model from pretrained weights: a tag (a1_in1k), the default tag "
+        "when given without a value, or a file (.safetensors, .pth/.bin state dict, a timm or "
+        "toolkit checkpoint). A tag reads the Hugging Face cache and downloads only when it "
+        "is not there.",
+    )
+    balance: str = option(
+        "none",
+        "Imbalanced classes: none, weights (the loss weighs each class by 1/its share) or "
+        "sampler (batches drawn class-balanced, with replacement).",
+    )
     init_from: str | None = option(
         None,
         "Start from another run's weights (its folder: best.pt, or a .pt file) of the same "
@@ -96,10 +123,25 @@ class TrainConfig:
     )
     compile: bool = option(False, "torch.compile the model (the first epoch compiles).")
 
+    # What the run adopted rather than was told (config.json records both): the pretrained
+    # weights' mean/std (toolkit.models.pretrained), the recipe options the flags set (the
+    # rest may be fitted to the data: toolkit.train.fit_data).
+    normalization: dict | None = None
+    set_by_flags: list = field(default_factory=list)
+    fitted_to_data: dict | None = None
+
     def __post_init__(self):
         if self.on_nan not in ON_NAN:
             raise ToolkitError(
                 f"unknown --on-nan '{self.on_nan}'; choose one of: {', '.join(ON_NAN)}"
+            )
+        if self.pretrained and self.init_from:
+            raise ToolkitError(
+                "--pretrained and --init-from both name starting weights; pass one of them"
+            )
+        if self.balance not in BALANCE:
+            raise ToolkitError(
+                f"unknown --balance '{self.balance}'; choose one of: {', '.join(BALANCE)}"
             )
 
     @classmethod
@@ -107,13 +149,15 @@ class TrainConfig:
         cls,
         model: str,
         data: DataOptions,
-        recipe: str = "default",
+        recipe: str | None = None,
         model_options: dict | None = None,
         **flags,
     ) -> TrainConfig:
         """What `toolkit train MODEL --recipe RECIPE [flags]` builds: the model's options
         checked against the registry, the recipe's values, then every flag that is not None
-        (`flags` are TrainConfig fields)."""
+        (`flags` are TrainConfig fields). No recipe: finetune with --pretrained, else
+        default. --pretrained also brings the weights' mean/std, and their input size
+        unless --image-size is given."""
         # The registry builds torch modules: imported when a config is made, so reading the
         # declarations (the CLI) needs no torch.
         from toolkit.models import resolve_options
@@ -124,12 +168,23 @@ class TrainConfig:
         set_by_recipe = {o.name for o in declared(cls) if o.flag.recipe}
         overrides = {k: v for k, v in flags.items() if k in set_by_recipe}
         others = {k: v for k, v in flags.items() if k not in set_by_recipe and v is not None}
+        model_options = resolve_options(model, **(model_options or {}))
+        if others.get("pretrained"):
+            weights = _pretrained_weights(model, others["pretrained"])
+            others["pretrained"] = weights.where  # the tag, or the file's absolute path
+            others["normalization"] = weights.preprocessing()
+            if data.image_size is None:
+                data = dataclasses.replace(
+                    data, image_size=weights.preprocessing()["input_size"][0]
+                )
+        recipe = recipe or ("finetune" if others.get("pretrained") else "default")
         return cls(
             model=model,
             data=data,
             recipe=recipe,
-            model_options=resolve_options(model, **(model_options or {})),
+            model_options=model_options,
             **recipes.resolve(recipe, model, overrides),
+            set_by_flags=sorted(k for k, v in overrides.items() if v is not None),
             **others,
         )
 
@@ -171,12 +226,13 @@ class TrainConfig:
         # A recipe's warm-up follows --epochs (recipes.resolve): compare with the scaled one.
         scaled = recipes.resolve(self.recipe, self.model, {"epochs": self.epochs})
         run_options = [o for o in declared(TrainConfig) if not o.flag.recipe]
+        implied = {"recipe": "finetune" if self.pretrained else "default"}
         recipe_options = [o for o in declared(TrainConfig) if o.flag.recipe]
         model_defaults = resolve_options(self.model)
         model_values = {o.name: o.default for o in declared(ModelOptions)}
         return [
             *as_flags(declared(DataOptions), values["data"], {}),
-            *as_flags(run_options, values, {}),
+            *as_flags(run_options, values, implied),
             *as_flags(recipe_options, values, {**scaled, "epochs": own["epochs"]}),
             *as_flags(
                 declared(ModelOptions),
@@ -184,3 +240,10 @@ class TrainConfig:
                 {**model_values, **model_defaults},
             ),
         ]
+
+
+def _pretrained_weights(model: str, pretrained: str):
+    # Imported here: timm loads with it, and only --pretrained needs it.
+    from toolkit.models import pretrained as weights
+
+    return weights.resolve(model, "" if pretrained == DEFAULT_WEIGHTS else pretrained)

@@ -88,7 +88,13 @@ class StepOptions:
     translate: int = 0  # crop of the N-px padded image instead of augment's 4 px, 0: off
     # --alt-flip: this epoch's flip of every image of the split (batches.alternating_flips)
     flips: torch.Tensor | None = None
+    # --resized-crop: the smallest share of an image's area a random crop keeps, 0: off
+    resized_crop: float = 0.0
     label_smoothing: float = 0.0
+    # --balance weights: the loss's weight per class; --balance sampler: each training
+    # image's chance of being drawn (batches.epoch_batches)
+    class_weights: torch.Tensor | None = None
+    sample_weights: torch.Tensor | None = None
     grad_clip: float = 0.0
     precision: Precision = FP32
     # --on-nan skip: a batch whose loss or gradients are not finite takes no step (costs one
@@ -179,7 +185,13 @@ def _rank_inputs(
     x = normalize(split.images[idx].to(device, non_blocking=True))
     labels = split.labels[idx].to(device, non_blocking=True)
     flips = options.flips
-    if options.augment or options.cutout or options.translate or flips is not None:
+    if (
+        options.augment
+        or options.cutout
+        or options.translate
+        or options.resized_crop
+        or (flips is not None)
+    ):
         # Drawn for the whole global batch (the generator advances alike on every rank).
         size = tuple(split.images.shape[-2:])
         params = BatchAugment.draw(
@@ -190,6 +202,7 @@ def _rank_inputs(
             options.cutout,
             translate=options.translate,
             flips=flips[batch] if flips is not None else None,
+            resized_crop=options.resized_crop,
         )
         x = to_channels_last(params.select(part).apply(x))
     return x, labels
@@ -219,7 +232,9 @@ def train_one_epoch(
     """
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     net.train()
-    batches = epoch_batches(len(split), options.batch_size, generator, dist.world_size)
+    batches = epoch_batches(
+        len(split), options.batch_size, generator, dist.world_size, options.sample_weights
+    )
     guard = _BufferGuard(net) if options.skip_nonfinite else None
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)
@@ -234,7 +249,12 @@ def train_one_epoch(
                 guard.save()
             with options.precision.autocast(device):
                 logits = net(x)
-                loss = F.cross_entropy(logits, labels, label_smoothing=options.label_smoothing)
+                loss = F.cross_entropy(
+                    logits,
+                    labels,
+                    weight=options.class_weights,
+                    label_smoothing=options.label_smoothing,
+                )
             # DDP averages the ranks' gradients; weighting each rank's mean by its share of
             # the batch makes that average the whole batch's mean even when chunks differ.
             weight = len(labels) * dist.world_size / len(batch) if dist.is_distributed else 1.0

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from toolkit.models.registry import head_prefix
 from toolkit.train.config import TrainConfig
 
 # Decoupled SGD's lr and decay are per this many examples (airbench's convention).
@@ -25,27 +26,42 @@ def freeze_bn_scales(net: nn.Module) -> None:
 
 
 def _param_groups(config: TrainConfig, net: nn.Module, lr: float, decay: float) -> list[dict]:
-    """One group, or two when the BatchNorm biases take a scaled lr (--bias-lr-scale).
+    """One group, two when the BatchNorm biases take a scaled lr (--bias-lr-scale), and the
+    classifier head in a group of its own when the rest moves slower or waits
+    (--backbone-lr-scale, --freeze-epochs): --lr is then the head's.
 
     Decoupled decay is applied as torch's coupled `weight_decay` divided by the group's lr,
-    so the decay per step (lr x weight_decay) is the same in both groups.
+    so the decay per step (lr x weight_decay) is the same in both groups. Each group says
+    the head's is marked (`head`): the schedule freezes the others (lr_factors).
     """
-    if config.bias_lr_scale == 1.0:
-        return [{"params": list(net.parameters()), "lr": lr, "weight_decay": decay}]
-    norm = {
-        id(p)
-        for m in net.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        for p in m.parameters(recurse=False)
-    }
-    biases = [p for p in net.parameters() if id(p) in norm]
-    others = [p for p in net.parameters() if id(p) not in norm]
-    scale = config.bias_lr_scale
-    bias_decay = decay / scale if config.decoupled else decay
-    return [
-        {"params": others, "lr": lr, "weight_decay": decay},
-        {"params": biases, "lr": lr * scale, "weight_decay": bias_decay},
-    ]
+    head: list = []
+    head_lr, params = lr, list(net.parameters())
+    if config.backbone_lr_scale != 1.0 or config.freeze_epochs:
+        prefix = head_prefix(net)
+        head = [p for name, p in net.named_parameters() if name.startswith(prefix)]
+        taken = {id(p) for p in head}
+        params = [p for p in params if id(p) not in taken]
+        lr = lr * config.backbone_lr_scale
+    groups = [{"params": params, "lr": lr, "weight_decay": decay}]
+    if config.bias_lr_scale != 1.0:
+        norm = {
+            id(p)
+            for m in net.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters(recurse=False)
+        }
+        scale = config.bias_lr_scale
+        groups = [
+            {**groups[0], "params": [p for p in params if id(p) not in norm]},
+            {
+                "params": [p for p in params if id(p) in norm],
+                "lr": lr * scale,
+                "weight_decay": decay / scale if config.decoupled else decay,
+            },
+        ]
+    if head:
+        groups.append({"params": head, "lr": head_lr, "weight_decay": decay, "head": True})
+    return groups
 
 
 def make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
@@ -70,6 +86,24 @@ def make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer
     if config.optimizer == "adam":  # coupled L2, as the reference's Adam(weight_decay=...)
         return torch.optim.Adam(groups, lr=config.lr)
     return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def lr_factors(
+    config: TrainConfig, steps_per_epoch: int, optimizer: torch.optim.Optimizer
+) -> list[Callable[[int], float]]:
+    """LambdaLR's factor for each of the optimizer's groups: the schedule, and 0 for all but
+    the head during the first --freeze-epochs (a zero lr moves nothing, decay included;
+    unlike requires_grad it leaves DDP's and the checkpoints' view of the model alone)."""
+    schedule = lr_factor(config, steps_per_epoch)
+    frozen_steps = config.freeze_epochs * steps_per_epoch
+
+    def waiting(step: int) -> float:
+        return 0.0 if step < frozen_steps else schedule(step)
+
+    return [
+        schedule if group.get("head") or not frozen_steps else waiting
+        for group in optimizer.param_groups
+    ]
 
 
 def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:

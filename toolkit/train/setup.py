@@ -21,11 +21,12 @@ from toolkit.errors import ToolkitError, error_summary
 from toolkit.models import count_parameters, create_model
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import check_free_space, check_writable, new_run_dir
-from toolkit.train.batches import Normalizer, steps_per_epoch
+from toolkit.train.batches import Normalizer
 from toolkit.train.config import TrainConfig
 from toolkit.train.distributed import Context
 from toolkit.train.engine import compile_in_place
-from toolkit.train.optim import Lookahead, freeze_bn_scales, lr_factor, make_optimizer
+from toolkit.train.fit_data import steps_per_epoch
+from toolkit.train.optim import Lookahead, freeze_bn_scales, lr_factors, make_optimizer
 from toolkit.train.precision import Precision
 from toolkit.train.warm_start import load_matching_weights
 from toolkit.version import __version__
@@ -136,9 +137,11 @@ def build(
     dist: Context,
     device: torch.device,
     precision: Precision,
+    pretrained=None,
 ) -> Setup:
     """The model (seeded: the same on every rank), optimizer, schedule and loss scaler, with
-    a resumed run's state loaded into them."""
+    a resumed run's state, or the `pretrained` weights (models.pretrained.Fetched), loaded
+    into them."""
     torch.manual_seed(config.seed)
     model_info = {
         "name": config.model,
@@ -165,10 +168,12 @@ def build(
     warm = None
     if resumed is None and config.init_from:  # a resumed run has its own weights in last.pt
         warm = load_matching_weights(net, config.init_from, config.model, data.spec.classes)
+    if pretrained is not None:
+        warm = _load_pretrained(net, config, model_info, pretrained)
     net.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(config, net)
     steps = steps_per_epoch(len(data.train), config.batch_size, dist.world_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(config, steps, optimizer))
     lookahead = Lookahead(optimizer, config.lookahead, config.epochs * steps)
     scaler = precision.grad_scaler(device)
     if resumed is not None:
@@ -187,6 +192,19 @@ def build(
         initialised_from=warm,
         prepare_seconds=prepare_seconds,
     )
+
+
+def _load_pretrained(net: nn.Module, config: TrainConfig, model_info: dict, fetched) -> dict:
+    from toolkit.models.pretrained import load_pretrained  # timm: only --pretrained needs it
+
+    size = model_info["input_size"]
+    build = {
+        "num_classes": model_info["num_classes"],
+        "in_chans": model_info["in_channels"],
+        "drop_rate": config.model_options.get("dropout", 0.0),
+        "size": (size, size) if isinstance(size, int) else size,
+    }
+    return load_pretrained(net, config.model, fetched, build)
 
 
 def _load_training_state(ckpt: Checkpoint, net, optimizer, scheduler, scaler) -> None:

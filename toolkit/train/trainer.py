@@ -19,17 +19,18 @@ from torch import nn
 
 from toolkit import seams
 from toolkit.atomic import WriteError, atomic_write_bytes
-from toolkit.audit.record import find_audit
 from toolkit.data import DataBundle, load_data
-from toolkit.data.specs import imbalance
 from toolkit.errors import ToolkitError, first_line
+from toolkit.evaluate.chance import learned_nothing
 from toolkit.models import count_parameters, resolve_options
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import RunLog, open_tensorboard, write_metrics
 from toolkit.run.resume import load_resume_state, repair_run_folder
 from toolkit.run.state import best_row
 from toolkit.train import distributed
+from toolkit.train.balance import class_weights, sample_weights
 from toolkit.train.batches import Normalizer, alternating_flips, on_device
+from toolkit.train.caveats import log_data_caveats
 from toolkit.train.config import TrainConfig
 from toolkit.train.engine import (
     EVAL_BATCH_SIZE,
@@ -37,8 +38,10 @@ from toolkit.train.engine import (
     configure_backends,
     evaluate_split,
     pick_device,
+    predict_logits,
     train_one_epoch,
 )
+from toolkit.train.fit_data import fit_to_data
 from toolkit.train.precision import resolve_amp
 from toolkit.train.setup import (
     Setup,
@@ -63,6 +66,7 @@ class RunResult:
     checkpoint_bytes: int
     interrupted: bool = False
     is_main: bool = True  # False on the ranks > 0 of a torchrun group, which print nothing
+    learned_nothing: str | None = None  # why val says the model is at chance (evaluate.chance)
 
 
 def fit(config: TrainConfig, run_dir: Path | None = None, data: DataBundle | None = None):
@@ -84,19 +88,31 @@ def resume(run_dir: Path, data: DataBundle | None = None) -> RunResult:
 def _run(config, run_dir, data, resumed: Checkpoint | None) -> RunResult:
     # The model's options with their defaults; bad ones fail here, before the process group.
     config = replace(config, model_options=resolve_options(config.model, **config.model_options))
+    pretrained = _fetch_pretrained(config) if resumed is None and config.pretrained else None
     with distributed.session(pick_device(config.device)) as (dist, device):
-        return _train(config, run_dir, data, resumed, dist, device)
+        return _train(config, run_dir, data, resumed, dist, device, pretrained)
 
 
-def _train(config, run_dir, data, resumed, dist: distributed.Context, device) -> RunResult:
+def _fetch_pretrained(config: TrainConfig):
+    from toolkit.models.pretrained import fetch  # timm: only --pretrained runs import it
+
+    return fetch(config.model, config.pretrained)
+
+
+def _train(config, run_dir, data, resumed, dist, device, pretrained) -> RunResult:
     precision = resolve_amp(config.amp, device)
     backends = configure_backends(device)
     if data is None:
         with dist.local_main_first():  # one decode per machine; the others read the cache
             data = load_data(config.data, seed=config.seed)
+    if config.normalization:  # pretrained weights expect their own mean/std, not the data's
+        norm = config.normalization
+        data = replace(data, mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+    if resumed is None:
+        config = fit_to_data(config, len(data.train))
     check_data(config, data, resumed, dist, run_dir)
     run_dir = agree_run_dir(run_dir, config, data, dist)
-    setup = build(config, data, resumed, dist, device, precision)
+    setup = build(config, data, resumed, dist, device, precision, pretrained)
     check_run_space(run_dir, setup.net, resumed is not None, dist)
     if resumed is None and dist.is_main:
         engine = {
@@ -133,7 +149,7 @@ def _train(config, run_dir, data, resumed, dist: distributed.Context, device) ->
             dist.world_size,
         )
         if dist.is_main:
-            _log_data_caveats(data, config.data.data_root)
+            log_data_caveats(data, config, resumed is not None)
         if resumed is not None and dist.is_main:
             repair_run_folder(run_dir, resumed)
         train, val = on_device(data.train, device), on_device(data.val, device)
@@ -178,6 +194,12 @@ def _train(config, run_dir, data, resumed, dist: distributed.Context, device) ->
                 writer.close()
         if dist.is_distributed and not interrupted:
             _check_replicas(setup.net, dist)
+        verdict = None
+        if dist.is_main and not interrupted and len(val):
+            predicted = predict_logits(setup.net, val.images, normalize, device).argmax(1)
+            verdict = learned_nothing(predicted, val.labels.cpu(), data.spec.classes)
+            if verdict:
+                log.warning("this run learned nothing: on val %s", verdict)
 
     best = best_row(history) or {"val_acc": 0.0, "epoch": 0}  # stopped in epoch 1
     best_file = run_dir / "best.pt"
@@ -191,39 +213,8 @@ def _train(config, run_dir, data, resumed, dist: distributed.Context, device) ->
         checkpoint_bytes=best_file.stat().st_size if best_file.exists() else 0,
         interrupted=interrupted,
         is_main=dist.is_main,
+        learned_nothing=verdict,
     )
-
-
-IMBALANCE_WARNING = 3.0  # largest / smallest class of train above which the log says so
-
-
-def _log_data_caveats(data: DataBundle, data_root: str | None) -> None:
-    """What a reader of the run must know about its data, in train.log: no val, a test split
-    held out from train, class imbalance (config.json records all three), and test images
-    that an audit of this data found repeating training images. A carved val is the
-    documented default and goes unremarked."""
-    if not len(data.val):
-        log.warning("no val split (--val-fraction 0): no epoch is selected, best.pt = last.pt")
-    if data.test_is_carved:  # said at load time too, but that was before train.log opened
-        log.warning("test: %d images held out from train (the source has none)", len(data.test))
-    skew = imbalance(data.class_counts()["train"])
-    if skew["ratio"] >= IMBALANCE_WARNING:
-        log.warning(
-            "imbalanced classes: train has %.1fx as many '%s' as '%s' images; per-class "
-            "counts are in config.json and the evaluation",
-            skew["ratio"],
-            skew["largest"],
-            skew["smallest"],
-        )
-    audit = find_audit(data.fingerprint, data_root)
-    leaked = audit.summary["counts"]["test_images_leaking_from_train"] if audit else 0
-    if leaked:
-        log.warning(
-            "the audit of this data (%s) found %d test image(s) repeating a training image: "
-            "test accuracy is partly memory; `toolkit evaluate` also reports it without them",
-            audit.folder,
-            leaked,
-        )
 
 
 def _train_epoch(config, setup: Setup, train, normalize, epoch, dist, device, run_dir):
@@ -233,6 +224,7 @@ def _train_epoch(config, setup: Setup, train, normalize, epoch, dist, device, ru
     # generator is the same on every rank (they shard one global order); dropout gets a
     # stream per rank, rank 0 keeping the single-process one.
     epoch_seed = config.seed * 100_003 + epoch
+    labels, classes = train.labels.cpu(), setup.model_info["num_classes"]
     generator = torch.Generator().manual_seed(epoch_seed)
     torch.manual_seed(epoch_seed + dist.rank * 2**32)
     if hasattr(setup.net, "start_epoch"):  # e.g. speedrun freezes its whitening bias
@@ -243,7 +235,12 @@ def _train_epoch(config, setup: Setup, train, normalize, epoch, dist, device, ru
         cutout=config.cutout,
         translate=config.translate,
         flips=alternating_flips(len(train), config.seed, epoch) if config.alt_flip else None,
+        resized_crop=config.resized_crop,
         label_smoothing=config.label_smoothing,
+        class_weights=class_weights(labels, classes).to(device)
+        if config.balance == "weights"
+        else None,
+        sample_weights=sample_weights(labels, classes) if config.balance == "sampler" else None,
         grad_clip=config.grad_clip,
         precision=setup.precision,
         skip_nonfinite=config.on_nan == "skip",

@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from toolkit.errors import ToolkitError
+from toolkit.models.registry import head_prefix
 from toolkit.run.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -25,12 +26,6 @@ def checkpoint_path(source: str | Path) -> Path:
     """A run folder means its best.pt (the model chosen on val); a file is itself."""
     source = Path(source)
     return source / "best.pt" if source.is_dir() else source
-
-
-def head_prefix(net: nn.Module) -> str:
-    """The module of the last parameter: the classifier head of every registered model."""
-    last = list(net.named_parameters())[-1][0]
-    return last.rsplit(".", 1)[0] + "."
 
 
 def load_matching_weights(
