@@ -44,7 +44,7 @@ def card_markdown(model: ServedModel) -> str:
         *tta_rows(info, model.metrics),
         *calibration_rows(info, model.metrics),
         *audit_rows(model.metrics, model.failures),
-        ("input", "×".join(str(s) for s in model.classifier.input_size) + " RGB"),
+        ("input", "{1}×{0} px RGB (width × height)".format(*model.classifier.input_size)),
         ("toolkit", str(info.get("toolkit_version", "?"))),
     ]
     rows += report_rows(model.report, int8=model.precision == "int8")

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from serving.preprocess import PREPROCESSING, prepare
+from serving.preprocess import prepare, preprocessing_rules
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +138,13 @@ class OnnxClassifier:
         temperature = meta.get("temperature", 1.0)
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ArtifactError(f"'{self.path}': metadata 'temperature' is not a positive number")
-        rules = meta["preprocessing"]
+        rules, implemented = meta["preprocessing"], preprocessing_rules(tuple(size))
         if not isinstance(rules, dict) or any(
-            rules.get(key) != value for key, value in PREPROCESSING.items()
+            rules.get(key) != value for key, value in implemented.items()
         ):
             raise ArtifactError(
-                f"'{self.path}' asks for preprocessing {rules}; this server implements "
-                f"{PREPROCESSING} only"
+                f"'{self.path}' asks for preprocessing {rules}; for its {size[1]}x{size[0]} "
+                f"input this server implements {implemented} only"
             )
         return classes
 

@@ -1,10 +1,11 @@
 """How an image becomes what a model sees: the one copy, used by training and serving alike.
 
 EXIF orientation, any mode to RGB (16-bit scaled down rather than clipped, alpha composited
-on white), centre-crop to a square, PIL bilinear resize. toolkit.data decodes training images
-with `prepare`, and serving/ decodes uploads with it; the ONNX export writes PREPROCESSING
-into every model's metadata and the server refuses a model that asks for other rules, so
-training and serving cannot drift apart.
+on white), centre-crop to the model's shape (a square, or its width:height), PIL bilinear
+resize. toolkit.data decodes training images with `prepare`, and serving/ decodes uploads
+with it; the ONNX export writes `preprocessing_rules(size)` into every model's metadata and
+the server refuses a model that asks for other rules, so training and serving cannot drift
+apart.
 
 Torch-free on purpose: the serving image has only Pillow and numpy.
 """
@@ -15,8 +16,16 @@ import numpy as np
 from PIL import Image, ImageOps
 
 RESIZE_FILTER = Image.Resampling.BILINEAR
-# The rules above, as written into each exported model's metadata ("preprocessing").
+# The rules above, as written into each exported square model's metadata ("preprocessing").
 PREPROCESSING = {"color": "RGB", "scale": "0..1", "resize": "bilinear", "crop": "center-square"}
+
+
+def preprocessing_rules(size: tuple[int, int]) -> dict[str, str]:
+    """The rules for a model taking (height, width) images: a square model's crop is the
+    centred square (as every model before non-square sizes), another's the largest centred
+    crop of its width:height."""
+    height, width = size
+    return {**PREPROCESSING, "crop": "center-square" if height == width else "center-aspect"}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -36,20 +45,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def center_square(image: Image.Image) -> Image.Image:
-    """The largest centred square (models are trained on square images)."""
+def center_crop(image: Image.Image, aspect: float = 1.0) -> Image.Image:
+    """The largest centred crop of width / height `aspect` (a square by default)."""
     w, h = image.size
-    if w == h:
+    crop_w, crop_h = min(w, round(h * aspect)), min(h, round(w / aspect))
+    if (crop_w, crop_h) == (w, h):
         return image
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return image.crop((left, top, left + side, top + side))
+    left, top = (w - crop_w) // 2, (h - crop_h) // 2
+    return image.crop((left, top, left + crop_w, top + crop_h))
 
 
 def prepare(image: Image.Image, size: int | tuple[int, int]) -> np.ndarray:
     """PIL image -> H×W×3 uint8 at `size` (a side, or (height, width))."""
     height, width = (size, size) if isinstance(size, int) else size
-    image = center_square(to_rgb(ImageOps.exif_transpose(image) or image))
+    image = center_crop(to_rgb(ImageOps.exif_transpose(image) or image), width / height)
     if image.size != (width, height):
         image = image.resize((width, height), RESIZE_FILTER)
     return np.asarray(image, dtype=np.uint8)

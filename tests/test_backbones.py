@@ -291,3 +291,50 @@ def test_a_vit_is_built_for_the_runs_size_and_its_position_embeddings_resampled(
         1,
         3,
     )
+
+
+# --- the weights' preprocessing, through export and serving ----------------------------------
+
+
+def test_the_weights_preprocessing_travels_into_the_served_model(imagenet_like, photos, tmp_path):
+    """The run normalises with the weights' mean/std (test_resnet's 0.5, not the data's):
+    the checkpoint, the ONNX graph and its metadata carry them, and the served model gives
+    the checkpoint's answers."""
+    from serving.classifier import OnnxClassifier
+
+    config = _config(photos, tmp_path, pretrained=str(imagenet_like["safetensors"]), epochs=1)
+    run = fit(config, run_dir=tmp_path / "run").run_dir
+    ckpt = Checkpoint.load(run / "best.pt")
+    assert ckpt.dataset["mean"] == [0.5, 0.5, 0.5] == ckpt.dataset["std"]
+    result = CliRunner().invoke(app, ["export", str(run)])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((run / "export" / "model.json").read_text())
+    assert meta["mean"] == [0.5, 0.5, 0.5] and meta["model"] == "timm/test_resnet"
+    served = OnnxClassifier(run / "export" / "model.onnx")
+    image = next((photos / "test" / "bee").iterdir())
+    from PIL import Image
+
+    with Image.open(image) as photo:
+        x = served.preprocess(photo)
+        probs = served.predict([photo])[0]
+    with torch.no_grad():
+        logits = ckpt.build_classifier()(torch.from_numpy(x)[None])[0]
+    assert int(probs.argmax()) == int(logits.argmax())
+
+
+def test_a_pretrained_fine_tune_resumes_exactly(imagenet_like, photos, tmp_path):
+    """The finetune recipe (frozen first epoch, resized crops, balanced sampling) in one go
+    == interrupted after epoch 1 and resumed: the resumed run neither reloads the weights nor
+    refits its recipe."""
+    from tests.training import fit_interrupted_in_second_epoch
+    from toolkit.train.trainer import resume
+
+    config = _config(
+        photos, tmp_path, pretrained=str(imagenet_like["pth"]), epochs=2, balance="sampler"
+    )
+    straight = fit(config, run_dir=tmp_path / "straight").run_dir
+    fit_interrupted_in_second_epoch(config, tmp_path / "resumed")
+    assert resume(tmp_path / "resumed").epochs_done == 2
+    a = Checkpoint.load(straight / "last.pt").state_dict
+    b = Checkpoint.load(tmp_path / "resumed" / "last.pt").state_dict
+    assert all(torch.equal(tensor, b[key]) for key, tensor in a.items())

@@ -69,9 +69,13 @@ def test_chance_level_predictions_are_named():
 
 
 def test_a_run_at_chance_says_so_in_train_and_evaluate(tmp_path):
-    folder = write_image_folder(tmp_path / "photos", CLASSES, {"train": 20, "test": 10})
-    # A learning rate of zero: the head never moves from its initial answers.
-    args = ["--data-dir", str(folder), "--data-root", str(tmp_path / "data"), "--device", "cpu"]
+    folder = write_image_folder(tmp_path / "photos", CLASSES, {"train": 40, "test": 10}, size=16)
+    # A learning rate of (almost) zero: the net keeps its initial answers. Half of train is
+    # val, so both val and test have the 30 images an accuracy verdict needs.
+    args = [
+        *("--data-dir", str(folder), "--data-root", str(tmp_path / "data")),
+        *("--device", "cpu", "--val-fraction", "0.5"),
+    ]
     run = tmp_path / "run"
     result = CliRunner().invoke(
         app, ["train", "net", "--lr", "1e-12", "--epochs", "1", "--run-dir", str(run), *args]

@@ -15,6 +15,7 @@ import numpy as np
 
 from toolkit.audit.crossval import ModelOutputs, normalise_rows
 from toolkit.audit.rows import Rows
+from toolkit.data.specs import parse_size, size_label
 from toolkit.errors import ToolkitError, first_line
 from toolkit.progress import progress_bar
 
@@ -48,10 +49,11 @@ def _run_outputs(run: Path, rows: Rows, device: str):
 
     ckpt = Checkpoint.load(run / "best.pt")
     _check_classes(ckpt.dataset["classes"], rows, run)
-    size = ckpt.dataset["image_size"]
-    if size != rows.bundle.image_size:
+    size = parse_size(ckpt.dataset["image_size"])
+    if size != rows.bundle.size_hw:
         raise ToolkitError(
-            f"--model '{run}' was trained at {size}px; audit at the same size (--image-size {size})"
+            f"--model '{run}' was trained at {size_label(size)}px; audit at the same size "
+            f"(--image-size {size_label(size)})"
         )
     return checkpoint_outputs(ckpt, rows, device, "the given model")
 
@@ -84,11 +86,10 @@ def onnx_outputs(path: Path, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
             f"--model '{path}' is not a readable ONNX model ({first_line(exc)})"
         ) from exc
     _check_classes(classifier.classes, rows, path)
-    size = rows.bundle.image_size
-    if tuple(classifier.input_size) != (size, size):
+    if tuple(classifier.input_size) != rows.bundle.size_hw:
         raise ToolkitError(
-            f"--model '{path}' takes {classifier.input_size[0]}x{classifier.input_size[1]} "
-            f"images; audit at that size (--image-size)"
+            f"--model '{path}' takes {size_label(classifier.input_size)} px images; audit at "
+            f"that size (--image-size {size_label(classifier.input_size)})"
         )
     data, embedding = _with_embedding_output(model)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

@@ -18,7 +18,7 @@ import torch
 
 from toolkit.atomic import atomic_torch_save
 from toolkit.data.mapped import MappedImages, chunks
-from toolkit.data.specs import DatasetSpec
+from toolkit.data.specs import DatasetSpec, size_label
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +26,19 @@ CACHE_VERSION = 3  # 3: each image's file name (`paths`)
 SPLITS = ("train", "val", "test")
 
 
-def cache_path(data_root: Path, spec: DatasetSpec, source: dict, size: int, listing: str) -> Path:
+def cache_path(
+    data_root: Path, spec: DatasetSpec, source: dict, size: tuple[int, int], listing: str
+) -> Path:
     """Where the tensors of `source` at `size` with this file `listing` are cached.
 
     The bad-file policy is not part of the key: a cache holds the images that decoded *and*
     the list of bad files, so "fail" and "skip" read the same entry and each applies its own
     rule (and the `--bad-files skip` rerun that a failure suggests starts from the cache).
     """
-    key = hashlib.sha1(f"{CACHE_VERSION}|{spec.name}|{source}|{size}|{listing}".encode())
-    return data_root / "cache" / f"{spec.name}-{source['kind']}-{size}px-{key.hexdigest()[:16]}.pt"
+    # A square size is written as one number, as before non-square sizes: old caches stay valid.
+    label = size_label(size)
+    key = hashlib.sha1(f"{CACHE_VERSION}|{spec.name}|{source}|{label}|{listing}".encode())
+    return data_root / "cache" / f"{spec.name}-{source['kind']}-{label}px-{key.hexdigest()[:16]}.pt"
 
 
 def listing_key(files: list[Path]) -> str:

@@ -40,7 +40,7 @@ class UnreadableImage(ToolkitError):
         self.path, self.reason = path, reason
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
+def load_image(path: Path, size: int | tuple[int, int]) -> np.ndarray:
     """Read a file -> H×W×3 uint8; any decoding problem is an UnreadableImage naming the file."""
     try:
         with Image.open(path) as image:
@@ -81,11 +81,11 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def resize_array(images: np.ndarray, size: int) -> np.ndarray:
-    """N×C×H×W uint8 -> N×C×size×size with the same PIL rules as image files."""
-    if images.shape[-1] == size:
+def resize_array(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """N×C×H×W uint8 -> N×C×height×width with the same PIL rules as image files."""
+    if tuple(images.shape[-2:]) == tuple(size):
         return images
-    out = np.empty((len(images), images.shape[1], size, size), dtype=np.uint8)
+    out = np.empty((len(images), images.shape[1], *size), dtype=np.uint8)
     for i, chw in enumerate(images):
         out[i] = prepare(Image.fromarray(chw.transpose(1, 2, 0)), size).transpose(2, 0, 1)
     return out
@@ -94,24 +94,24 @@ def resize_array(images: np.ndarray, size: int) -> np.ndarray:
 # --- a whole split at once ------------------------------------------------------------------
 
 
-def _decode_one(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode_one(path: Path, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
     try:
         return load_image(path, size), None
     except UnreadableImage as exc:
         return None, exc.reason
 
 
-# Where a split's decoded images go: (split, count, size) -> a count×3×size×size uint8 array,
-# in memory or memory-mapped on disk (toolkit.data.mapped).
-Allocate = Callable[[str, int, int], np.ndarray]
+# Where a split's decoded images go: (split, count, (height, width)) -> a count×3×height×width
+# uint8 array, in memory or memory-mapped on disk (toolkit.data.mapped).
+Allocate = Callable[[str, int, tuple[int, int]], np.ndarray]
 
 
-def in_memory(split: str, count: int, size: int) -> np.ndarray:
-    return np.empty((count, 3, size, size), dtype=np.uint8)
+def in_memory(split: str, count: int, size: tuple[int, int]) -> np.ndarray:
+    return np.empty((count, 3, *size), dtype=np.uint8)
 
 
 def decode_files(
-    paths: list[Path], size: int, what: str, out: np.ndarray | None = None
+    paths: list[Path], size: tuple[int, int], what: str, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Decode many files in parallel threads (PIL releases the GIL while decoding) into `out`
     (default: a new array).
@@ -139,7 +139,7 @@ def decode_files(
 
 
 def decode_listed(
-    listed: dict[str, Listed], size: int, root: Path, allocate: Allocate = in_memory
+    listed: dict[str, Listed], size: tuple[int, int], root: Path, allocate: Allocate = in_memory
 ) -> dict:
     """Decode every split; the result also holds every bad file found, as 'where: why', and
     each decoded image's file relative to `root` (`paths`: what an audit reports)."""

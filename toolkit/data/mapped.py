@@ -28,8 +28,8 @@ def memory_budget_bytes(memory_gb: float | None) -> int:
     return int(ram * DEFAULT_MEMORY_SHARE)
 
 
-def decoded_bytes(count: int, size: int, channels: int = 3) -> int:
-    return count * channels * size * size
+def decoded_bytes(count: int, size: tuple[int, int], channels: int = 3) -> int:
+    return count * channels * size[0] * size[1]
 
 
 class MappedImages:

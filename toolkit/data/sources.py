@@ -67,6 +67,9 @@ from toolkit.data.specs import (
     DatasetSpec,
     Split,
     get_spec,
+    parse_size,
+    recorded_size,
+    size_label,
     spec_for_classes,
 )
 from toolkit.errors import ToolkitError
@@ -138,7 +141,7 @@ def _dataset_of(options: DataOptions, kind: str, path: Path) -> DatasetSpec:
     return get_spec(options.dataset)
 
 
-def _build_official(spec: DatasetSpec, root: Path, size: int, download: bool):
+def _build_official(spec: DatasetSpec, root: Path, size: tuple[int, int], download: bool):
     folder_name, reader, _ = DOWNLOADS[spec.name]
     folder = root / folder_name
     if not folder.is_dir():
@@ -191,9 +194,9 @@ def load_data(options: DataOptions, seed: int = 0) -> DataBundle:
     source, data_root = _source_for(options)
     path = Path(source["path"])
     spec = _dataset_of(options, source["kind"], path)
-    size = options.image_size or spec.default_size
-    if size < 8:
-        raise ToolkitError(f"--image-size must be at least 8, got {size}")
+    size = parse_size(options.image_size or spec.default_size)  # (height, width)
+    if min(size) < 8:
+        raise ToolkitError(f"--image-size must be at least 8 px a side, got {size_label(size)}")
     if source["kind"] == "official":
         listing, build = _build_official(spec, data_root, size, options.download)
         file = cache.cache_path(data_root, spec, source, size, listing)
@@ -212,7 +215,9 @@ def load_data(options: DataOptions, seed: int = 0) -> DataBundle:
     return _carved_bundle(tensors, options, spec, size, source, seed, tuple(bad))
 
 
-def _allocator(cache_file: Path, listed: dict, size: int, memory_gb: float | None) -> Allocate:
+def _allocator(
+    cache_file: Path, listed: dict, size: tuple[int, int], memory_gb: float | None
+) -> Allocate:
     """In memory, or memory-mapped files beside the cache when the decoded images would
     exceed the memory budget."""
     count = sum(len(entry.paths) for entry in listed.values())
@@ -226,10 +231,10 @@ def _allocator(cache_file: Path, listed: dict, size: int, memory_gb: float | Non
         budget / 1e9,
     )
 
-    def on_disk(split: str, n: int, side: int):
+    def on_disk(split: str, n: int, size: tuple[int, int]):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         target = cache.mapped_file(cache_file, split)
-        return np.lib.format.open_memmap(target, "w+", np.uint8, (n, 3, side, side))
+        return np.lib.format.open_memmap(target, "w+", np.uint8, (n, 3, *size))
 
     return on_disk
 
@@ -265,7 +270,7 @@ def _carved_bundle(tensors, options, spec, size, source, seed, bad) -> DataBundl
     train = Split(take(images, keep), labels[keep]) if carved else Split(images, labels)
     return DataBundle(
         spec=spec,
-        image_size=size,
+        image_size=recorded_size(size),
         train=train,
         val=parts["val"],
         test=parts["test"],

@@ -116,10 +116,11 @@ class DataOptions:
         "Where downloads and decoded caches live (default: $TOOLKIT_DATA or ~/.cache/toolkit).",
         path=True,
     )
-    image_size: int | None = option(
+    image_size: str | None = option(
         None,
-        "Train at this size: images are centre-cropped and resized to it, as the app does "
-        "(default 32; STL-10's native size is 96).",
+        "Train at this size: N (square) or WIDTHxHEIGHT (160x128); images are centre-cropped "
+        "to its shape and resized to it, as the app does (default 32; STL-10's native size "
+        "is 96; a pretrained model's own with --pretrained).",
     )
     val_fraction: float = option(
         0.1,
@@ -151,6 +152,35 @@ class DataOptions:
             )
 
 
+def parse_size(value) -> tuple[int, int]:
+    """An image size as (height, width): N (square), "WIDTHxHEIGHT" (as image sizes are
+    written: 160x128 is landscape) or a (height, width) pair (as tensors are shaped)."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    found = re.fullmatch(r"\s*(\d+)\s*(?:[x×,]\s*(\d+)\s*)?", str(value).lower())
+    if not found:
+        raise ToolkitError(
+            f"--image-size must be N or WIDTHxHEIGHT (e.g. 96 or 160x128), got '{value}'"
+        )
+    width = int(found.group(1))
+    return int(found.group(2) or width), width
+
+
+def recorded_size(size: tuple[int, int]) -> int | list[int]:
+    """How checkpoints and metadata record a size: N when square (as before non-square sizes
+    existed), else [height, width]."""
+    height, width = size
+    return height if height == width else [height, width]
+
+
+def size_label(size: tuple[int, int]) -> str:
+    """32, or 160x128 (width x height): for file names and reports."""
+    height, width = size
+    return str(height) if height == width else f"{width}x{height}"
+
+
 @dataclass
 class Split:
     images: torch.Tensor  # uint8 N×C×H×W
@@ -165,7 +195,7 @@ class DataBundle:
     """What training and evaluation consume: tensors plus the facts that describe them."""
 
     spec: DatasetSpec
-    image_size: int
+    image_size: int | list[int]  # recorded_size: N, or [height, width] when not square
     train: Split
     val: Split
     test: Split
@@ -195,6 +225,10 @@ class DataBundle:
             "skipped_count": len(self.skipped),
             "skipped_files": list(self.skipped[:SKIPPED_IN_INFO]),
         }
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        return parse_size(self.image_size)
 
     def sizes(self) -> dict[str, int]:
         """Images per split, as config.json records them."""

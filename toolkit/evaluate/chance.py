@@ -13,6 +13,9 @@ import math
 import torch
 
 ONE_CLASS_SHARE = 0.95  # one class predicted for this share of the images: collapsed
+# Fewer images than this cannot tell an accuracy from chance (4 images: ± 50 points); only
+# the one-class sign is judged on them.
+MIN_IMAGES = 30
 LIKELY_CAUSES = (
     "likely causes: too few optimiser steps (a large --batch-size on a small folder), an "
     "--lr too high or too low for this model, a model and recipe made for 32-px images at "
@@ -39,7 +42,7 @@ def learned_nothing(predicted: torch.Tensor, labels: torch.Tensor, classes) -> s
         )
     accuracy = (predicted == labels).float().mean().item()
     margin = 2 * math.sqrt(baseline * (1 - baseline) / n)
-    if accuracy <= baseline + margin:
+    if n >= MIN_IMAGES and accuracy <= baseline + margin:
         return (
             f"its accuracy {accuracy:.1%} on {n} images cannot be told from always answering "
             f"'{classes[int(counts.argmax())]}' ({baseline:.1%}, ± {margin:.1%}); " + LIKELY_CAUSES

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from toolkit.atomic import atomic_write_text
+from toolkit.data.specs import parse_size, size_label
 from toolkit.errors import ToolkitError
 from toolkit.models import count_parameters
 from toolkit.run.checkpoint import Checkpoint
@@ -58,7 +59,7 @@ def _compare_row(run_dir: Path) -> dict:
         "run": run_dir.name,
         "model": ckpt.model["name"],
         "options": _options_text(ckpt),
-        "dataset": f"{ds['name']} {ds['image_size']}px",
+        "dataset": f"{ds['name']} {size_label(parse_size(ds['image_size']))}px",
         "params": count_parameters(ckpt.build_net()),
         "checkpoint (KB)": round((run_dir / "best.pt").stat().st_size / 1024, 1),
         "epochs": len(history),

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from serving.classifier import parse_metadata
-from serving.preprocess import PREPROCESSING
+from serving.preprocess import preprocessing_rules
+from toolkit.data.specs import parse_size
 from toolkit.errors import ToolkitError, error_summary, first_line
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.version import __version__
@@ -220,11 +221,12 @@ def build_metadata(
     """
     selective = calibration["selective"]
     model, ds = ckpt.model, ckpt.dataset
+    size = parse_size(model["input_size"])
     meta: dict[str, Any] = {
         "classes": list(ds["classes"]),
         "mean": [float(v) for v in ds["mean"]],
         "std": [float(v) for v in ds["std"]],
-        "input_size": [int(model["input_size"]), int(model["input_size"])],
+        "input_size": list(size),  # [height, width]
         "dataset": ds["name"],
         "model": model["name"],
         "model_options": dict(model["options"]),
@@ -233,7 +235,7 @@ def build_metadata(
         # metadata is JSON, which has no NaN.
         "val_accuracy": None if math.isnan(ckpt.best_val_acc) else float(ckpt.best_val_acc),
         "toolkit_version": __version__,
-        "preprocessing": dict(PREPROCESSING),
+        "preprocessing": preprocessing_rules(size),
         # "probs" is softmax(logits / temperature): calibrated on val (1.0: not calibrated).
         "temperature": float(calibration["temperature"]),
         "calibrated_on": calibration["fitted_on"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolkit.models.registry import after_pools, register
+from toolkit.models.registry import after_pools, pair, register
 from toolkit.speedrun import SpeedrunNet
 
 # --- beyond the seeds ------------------------------------------------------------------------
@@ -87,5 +87,6 @@ def build_resnet9(num_classes, input_size, in_channels, width=64, dropout=0.0):
 )
 def build_speedrun(num_classes, input_size, in_channels, width=64):
     # The whitening conv (2x2, no padding) takes a pixel off, then three 2x pools.
-    after_pools(input_size - 1, 3, name="speedrun")
+    height, width = pair(input_size)
+    after_pools((height - 1, width - 1), 3, name="speedrun")
     return SpeedrunNet(num_classes=num_classes, in_channels=in_channels, width=width)

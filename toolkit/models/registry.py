@@ -76,14 +76,24 @@ def count_macs(model: nn.Module, size: tuple[int, int], in_channels: int = 3) ->
     return counter.get_total_flops() // 2
 
 
-def after_pools(input_size: int, pools: int, shrink_per_conv: int = 0, name: str = "") -> int:
-    """Spatial size after `pools` (conv, maxpool2) stages; conv shrinks by `shrink_per_conv`."""
-    size = input_size
-    for _ in range(pools):
-        size = (size - shrink_per_conv) // 2
-        if size < 1:
-            raise ValueError(f"input size {input_size} is too small for {name}")
-    return size
+def pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An input size as (height, width): N means N x N."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def after_pools(
+    input_size: int | tuple[int, int], pools: int, shrink_per_conv: int = 0, name: str = ""
+) -> int:
+    """Positions (height x width) left after `pools` (conv, maxpool2) stages; each conv
+    shrinks a side by `shrink_per_conv`."""
+    sides = []
+    for side in pair(input_size):
+        for _ in range(pools):
+            side = (side - shrink_per_conv) // 2
+            if side < 1:
+                raise ValueError(f"input size {input_size} is too small for {name}")
+        sides.append(side)
+    return sides[0] * sides[1]
 
 
 class NormalizedClassifier(nn.Module):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolkit.models.registry import after_pools, register
+from toolkit.models.registry import after_pools, pair, register
 
 # --- the seed architectures ------------------------------------------------------------------
 
@@ -21,7 +21,8 @@ from toolkit.models.registry import after_pools, register
 )
 def build_mlp(num_classes, input_size, in_channels, dropout=0.0, batch_norm=False):
     layers: list[nn.Module] = [nn.Flatten()]
-    sizes = [in_channels * input_size * input_size, 1024, 512, 128]
+    height, width = pair(input_size)
+    sizes = [in_channels * height * width, 1024, 512, 128]
     for fan_in, fan_out in zip(sizes, sizes[1:], strict=False):
         layers.append(nn.Linear(fan_in, fan_out))
         if batch_norm:
@@ -50,10 +51,10 @@ def _small_cnn(num_classes, input_size, in_channels, width, stages, dropout, bat
     layers: list[nn.Module] = []
     for cin, cout in zip(channels, channels[1:], strict=False):
         layers += _tanh_conv_stage(cin, cout, dropout, batch_norm)
-    side = after_pools(input_size, stages, name=name)
+    positions = after_pools(input_size, stages, name=name)
     layers += [
         nn.Flatten(),
-        nn.Linear(half * side * side, 32),
+        nn.Linear(half * positions, 32),
         nn.Tanh(),
         nn.Linear(32, num_classes),
     ]
@@ -116,8 +117,8 @@ def build_resnet10(num_classes, input_size, in_channels, width=32, dropout=0.0, 
     body.append(nn.MaxPool2d(2))
     if dropout:
         body.append(nn.Dropout2d(dropout))
-    side = after_pools(input_size, 2, name="resnet10")
-    head: list[nn.Module] = [nn.Flatten(), nn.Linear(width * side * side, 32)]
+    positions = after_pools(input_size, 2, name="resnet10")
+    head: list[nn.Module] = [nn.Flatten(), nn.Linear(width * positions, 32)]
     if batch_norm:
         head.append(nn.BatchNorm1d(32))
     head += [nn.ReLU(), nn.Linear(32, num_classes)]
@@ -141,7 +142,7 @@ def build_lenet5(num_classes, input_size, in_channels, dropout=0.0, batch_norm=F
     def pool() -> list[nn.Module]:
         return [nn.MaxPool2d(2)] + ([nn.Dropout2d(dropout)] if dropout else [])
 
-    side = after_pools(input_size, 2, shrink_per_conv=4, name="lenet5")
+    positions = after_pools(input_size, 2, shrink_per_conv=4, name="lenet5")
     return nn.Sequential(
         nn.Conv2d(in_channels, 6, 5),
         *act(6, 2),
@@ -150,7 +151,7 @@ def build_lenet5(num_classes, input_size, in_channels, dropout=0.0, batch_norm=F
         *act(16, 2),
         *pool(),
         nn.Flatten(),
-        nn.Linear(16 * side * side, 120),
+        nn.Linear(16 * positions, 120),
         *act(120, 1),
         nn.Linear(120, 84),
         *act(84, 1),

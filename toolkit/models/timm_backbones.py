@@ -17,7 +17,7 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
 from toolkit.errors import ToolkitError
-from toolkit.models.registry import TIMM_PREFIX, ModelEntry
+from toolkit.models.registry import TIMM_PREFIX, ModelEntry, pair
 
 # CPU-friendly backbones across families, for `toolkit models` and benchmarks/backbones.py:
 # small enough to fine-tune on a laptop CPU at 64-160 px.
@@ -82,9 +82,8 @@ def build_timm(
     in_channels: int,
     dropout: float = 0.0,
 ) -> nn.Module:
-    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     options = {"num_classes": num_classes, "in_chans": in_channels, "drop_rate": dropout}
-    return create_timm(arch, size, **options)
+    return create_timm(arch, pair(input_size), **options)
 
 
 def create_timm(arch: str, size: tuple[int, int], **options) -> nn.Module:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from toolkit.data import DataBundle, DataOptions, load_data
+from toolkit.data.specs import parse_size
 from toolkit.errors import ToolkitError
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import read_json
@@ -116,7 +117,7 @@ def check_run_data(run_dir: Path, ckpt: Checkpoint, data: DataBundle) -> None:
             "restore the original files, or train a new run on these"
         )
     same_classes = list(data.spec.classes) == list(ckpt.dataset["classes"])
-    if not same_classes or data.image_size != ckpt.dataset["image_size"]:
+    if not same_classes or data.size_hw != parse_size(ckpt.dataset["image_size"]):
         raise ToolkitError(
             f"the data's classes or image size differ from the checkpoint of '{run_dir}'; "
             "use the dataset options the run was trained with"

@@ -174,9 +174,9 @@ class TrainConfig:
             others["pretrained"] = weights.where  # the tag, or the file's absolute path
             others["normalization"] = weights.preprocessing()
             if data.image_size is None:
-                data = dataclasses.replace(
-                    data, image_size=weights.preprocessing()["input_size"][0]
-                )
+                height, width = weights.preprocessing()["input_size"]
+                size = height if height == width else f"{width}x{height}"
+                data = dataclasses.replace(data, image_size=size)
         recipe = recipe or ("finetune" if others.get("pretrained") else "default")
         return cls(
             model=model,

@@ -17,8 +17,10 @@ from torch import nn
 
 from toolkit.atomic import atomic_write_json
 from toolkit.data import DataBundle
+from toolkit.data.specs import size_label
 from toolkit.errors import ToolkitError, error_summary
 from toolkit.models import count_parameters, create_model
+from toolkit.models.registry import pair
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import check_free_space, check_writable, new_run_dir
 from toolkit.train.batches import Normalizer
@@ -72,9 +74,9 @@ def check_data(
             "the ranks loaded different data; every machine needs the same files "
             "(--data-dir / --splits / --data-root)"
         )
-    if config.cutout > data.image_size:
+    if config.cutout > min(data.size_hw):
         raise ToolkitError(
-            f"--cutout {config.cutout} is larger than the {data.image_size}px images"
+            f"--cutout {config.cutout} is larger than the {size_label(data.size_hw)}px images"
         )
     need = 2 * dist.world_size  # every rank needs two images per step for BatchNorm
     if dist.is_distributed and (config.batch_size < need or len(data.train) < need):
@@ -202,7 +204,7 @@ def _load_pretrained(net: nn.Module, config: TrainConfig, model_info: dict, fetc
         "num_classes": model_info["num_classes"],
         "in_chans": model_info["in_channels"],
         "drop_rate": config.model_options.get("dropout", 0.0),
-        "size": (size, size) if isinstance(size, int) else size,
+        "size": pair(size),
     }
     return load_pretrained(net, config.model, fetched, build)
 

@@ -1,0 +1,88 @@
+"""Non-square image sizes (--image-size 48x32) from the flag to the served model: the crop
+keeps the model's shape everywhere an image is prepared."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from serving.classifier import OnnxClassifier
+from serving.preprocess import center_crop, prepare, preprocessing_rules
+from tests.synthetic import class_images
+from toolkit.cli import app
+from toolkit.data.specs import parse_size, size_label
+from toolkit.errors import ToolkitError
+from toolkit.models import MODELS, create_model
+
+CLASSES = ("left", "right")
+
+
+@pytest.mark.parametrize(
+    ("given", "height_width"),
+    [(96, (96, 96)), ("96", (96, 96)), ("160x128", (128, 160)), ("160 x 128", (128, 160))],
+)
+def test_sizes_read_as_width_by_height(given, height_width):
+    assert parse_size(given) == height_width
+    assert parse_size(list(height_width)) == height_width  # what checkpoints record
+
+
+@pytest.mark.parametrize("bad", ["160x", "x128", "big", "1.5x2"])
+def test_a_malformed_size_is_one_line(bad):
+    with pytest.raises(ToolkitError, match="WIDTHxHEIGHT"):
+        parse_size(bad)
+
+
+def test_the_crop_keeps_the_models_shape_and_squares_are_as_before():
+    image = Image.new("RGB", (200, 100))
+    assert center_crop(image).size == (100, 100)
+    assert center_crop(image, 160 / 128).size == (125, 100)
+    assert center_crop(Image.new("RGB", (100, 200)), 2.0).size == (100, 50)
+    assert prepare(image, (32, 48)).shape == (32, 48, 3)
+    assert preprocessing_rules((32, 32))["crop"] == "center-square"
+    assert preprocessing_rules((32, 48))["crop"] == "center-aspect"
+    assert size_label((32, 48)) == "48x32" and size_label((32, 32)) == "32"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_own_model_builds_for_a_non_square_size(name):
+    import torch
+
+    net = create_model(name, num_classes=3, input_size=(32, 48))
+    assert net.eval()(torch.zeros(2, 3, 32, 48)).shape == (2, 3)
+
+
+def _wide_photos(root):
+    """Two classes of 60x40 JPEGs (landscape): 16 train and 6 test each."""
+    for split, count in (("train", 16), ("test", 6)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, square in enumerate(class_images(label, count, 60, seed=len(split))):
+                Image.fromarray(square[:40]).save(folder / f"{i}.jpg")
+    return root
+
+
+def test_a_non_square_run_trains_exports_and_serves(tmp_path):
+    photos = _wide_photos(tmp_path / "photos")
+    run = tmp_path / "run"
+    common = ["--data-root", str(tmp_path / "data"), "--device", "cpu"]
+    train = ["train", "net", "--data-dir", str(photos), "--image-size", "48x32", "--epochs", "2"]
+    result = CliRunner().invoke(app, [*train, "--run-dir", str(run), *common])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["image_size"] == "48x32"
+    assert config["dataset_info"]["image_size"] == [32, 48]
+    result = CliRunner().invoke(app, ["export", str(run)])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((run / "export" / "model.json").read_text())
+    assert meta["input_size"] == [32, 48] and meta["preprocessing"]["crop"] == "center-aspect"
+    served = OnnxClassifier(run / "export" / "model.onnx")
+    assert served.input_size == (32, 48)
+    with Image.open(next((photos / "test" / "right").iterdir())) as photo:
+        assert served.preprocess(photo).shape == (3, 32, 48)
+        probs = served.predict([photo])
+    assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0, atol=1e-5)
