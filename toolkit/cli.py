@@ -147,7 +147,8 @@ def train_cmd(
 
 def _say_if_learned_nothing(verdict: str | None, where: str) -> None:
     if verdict:
-        console.print(f"[bold red]this model learned nothing: {where} {verdict}[/bold red]")
+        message = f"no sign this model learned anything: {where} {verdict}"
+        console.print(f"[bold red]{message}[/bold red]")
 
 
 # --- evaluate / compare ----------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Did the model learn anything? A run at chance must say so, not end with a normal summary.
 
-Two signs, either enough: the accuracy is no better than always answering the most common
-class (within two standard errors of that baseline), or one class is predicted for nearly
-every image while the labels are spread over several. `toolkit train` checks val at the end,
+Two signs, either enough: the accuracy is not significantly better than always answering
+the most common class (within 1.645 standard errors of that baseline: a one-sided test at
+5 %), or one class is predicted for nearly every image while the labels are spread over
+several. `toolkit train` checks val at the end,
 `toolkit evaluate` checks test; both print the verdict with its likely causes.
 """
 
@@ -13,6 +14,7 @@ import math
 import torch
 
 ONE_CLASS_SHARE = 0.95  # one class predicted for this share of the images: collapsed
+ONE_SIDED_95 = 1.645  # standard errors above chance before an accuracy counts as learned
 # Fewer images than this cannot tell an accuracy from chance (4 images: ± 50 points); only
 # the one-class sign is judged on them.
 MIN_IMAGES = 30
@@ -41,7 +43,7 @@ def learned_nothing(predicted: torch.Tensor, labels: torch.Tensor, classes) -> s
             + LIKELY_CAUSES
         )
     accuracy = (predicted == labels).float().mean().item()
-    margin = 2 * math.sqrt(baseline * (1 - baseline) / n)
+    margin = ONE_SIDED_95 * math.sqrt(baseline * (1 - baseline) / n)
     if n >= MIN_IMAGES and accuracy <= baseline + margin:
         return (
             f"its accuracy {accuracy:.1%} on {n} images cannot be told from always answering "

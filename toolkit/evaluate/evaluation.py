@@ -82,7 +82,8 @@ def evaluate_run(
     classes = ckpt.dataset["classes"]
     metrics["learned_nothing"] = learned_nothing(logits.argmax(1), chosen.labels, classes)
     if metrics["learned_nothing"]:
-        log.warning("this model learned nothing: on %s %s", split, metrics["learned_nothing"])
+        verdict = metrics["learned_nothing"]
+        log.warning("no sign this model learned anything: on %s %s", split, verdict)
     predictions = {"plain": logits.argmax(1)}
     if tta_logits is not None:
         predictions["tta"] = tta_logits.argmax(1)

@@ -60,6 +60,12 @@ class Weights:
             "input_size": list(self.config["input_size"][1:]),
             "from": f"timm's pretrained config of {self.config['architecture']}"
             + (f".{self.config['tag']}" if self.config.get("tag") else ""),
+            # The weights' own resize and crop, which the toolkit does not apply: it keeps
+            # one preprocessing (bilinear, the largest centred crop) for training and serving.
+            "not_applied": {
+                "interpolation": self.config.get("interpolation"),
+                "crop_pct": self.config.get("crop_pct"),
+            },
         }
 
 

@@ -199,7 +199,7 @@ def _train(config, run_dir, data, resumed, dist, device, pretrained) -> RunResul
             predicted = predict_logits(setup.net, val.images, normalize, device).argmax(1)
             verdict = learned_nothing(predicted, val.labels.cpu(), data.spec.classes)
             if verdict:
-                log.warning("this run learned nothing: on val %s", verdict)
+                log.warning("no sign this run learned anything: on val %s", verdict)
 
     best = best_row(history) or {"val_acc": 0.0, "epoch": 0}  # stopped in epoch 1
     best_file = run_dir / "best.pt"
