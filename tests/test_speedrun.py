@@ -21,6 +21,7 @@ from toolkit.data import DataOptions
 from toolkit.data.carve import carve
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run
+from toolkit.evaluate.calibrators import Calibrator
 from toolkit.export import export_run, package_run
 from toolkit.export.bench import Timing
 from toolkit.export.onnx_graph import ExportHead, export_classifier
@@ -238,7 +239,7 @@ def test_the_exported_tta_graph_matches_torch():
     net.prepare(torch.randn(32, 3, 32, 32))
     net.eval()
     classifier = TTAClassifier(NormalizedClassifier(net, [0.5] * 3, [0.25] * 3), 2)
-    head = ExportHead(classifier, 1.5).eval()
+    head = ExportHead(classifier, Calibrator("temperature", 1.5)).eval()
     model = export_classifier(head, (3, 32, 32), META, 17)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)

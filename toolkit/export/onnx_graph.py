@@ -28,6 +28,7 @@ from torch import nn
 from serving.classifier import parse_metadata
 from serving.preprocess import PREPROCESSING
 from toolkit.errors import ToolkitError, error_summary, first_line
+from toolkit.evaluate.calibrators import Calibrator
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.version import __version__
 
@@ -55,19 +56,31 @@ _QUIET_LOGGERS = (
 
 
 class ExportHead(nn.Module):
-    """classifier -> (logits, softmax(logits / T)): what the ONNX graph computes, also timed
-    in torch. The temperature only calibrates the probabilities: logits, and so every top-1
-    prediction, stay the classifier's; with T = 1 the graph has no division at all."""
+    """classifier -> (logits, calibrated probabilities): what the ONNX graph computes, also
+    timed in torch. The calibrator (toolkit.evaluate.calibrators) only calibrates the
+    probabilities: logits, and so every top-1 prediction, stay the classifier's; the default
+    (T = 1) is a plain softmax, without a division."""
 
-    def __init__(self, classifier: nn.Module, temperature: float = 1.0):
+    def __init__(self, classifier: nn.Module, calibrator: Calibrator = Calibrator()):
         super().__init__()
         self.classifier = classifier
-        self.temperature = float(temperature)
+        self.calibrator = CalibratorHead(calibrator)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.classifier(image)
-        scaled = logits if self.temperature == 1.0 else logits / self.temperature
-        return logits, torch.softmax(scaled, dim=1)
+        return logits, self.calibrator(logits)
+
+
+class CalibratorHead(nn.Module):
+    """logits -> calibrated probabilities, alone: the graph toolkit.export.recalibrate puts
+    behind an exported classifier's logits."""
+
+    def __init__(self, calibrator: Calibrator):
+        super().__init__()
+        self.calibrator = calibrator
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.calibrator.probs(logits)
 
 
 def max_opset() -> int:
@@ -119,9 +132,13 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def torch_to_onnx(
-    head: nn.Module, input_shape: tuple[int, int, int], opset: int
+    head: nn.Module,
+    input_shape: tuple[int, ...],
+    opset: int,
+    names: tuple[str, tuple[str, ...]] = (INPUT_NAME, OUTPUT_NAMES),
 ) -> onnx.ModelProto:
-    """`head` (eval mode) as an ONNX model with a dynamic batch dimension, at `opset`.
+    """`head` (eval mode) as an ONNX model with a dynamic batch dimension, at `opset`; its
+    input and outputs are called `names` (the classifier's image -> logits, probs).
 
     The torch.export-based exporter (torch.onnx.export(dynamo=True)) traces the model, its
     optimizer folds constants and every BatchNorm that follows a Conv or Linear, and onnx's
@@ -136,8 +153,8 @@ def torch_to_onnx(
                 head,
                 (example,),
                 dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                input_names=[names[0]],
+                output_names=list(names[1]),
                 # Positional (independent of forward()'s argument name); the Dim's name is the
                 # dim_param of the input and both outputs.
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
@@ -201,7 +218,6 @@ def build_metadata(
 
     `test_accuracy` is that of `toolkit evaluate` on this very checkpoint, or None.
     """
-    selective = calibration["selective"]
     model, ds = ckpt.model, ckpt.dataset
     meta: dict[str, Any] = {
         "classes": list(ds["classes"]),
@@ -217,17 +233,30 @@ def build_metadata(
         "val_accuracy": None if math.isnan(ckpt.best_val_acc) else float(ckpt.best_val_acc),
         "toolkit_version": __version__,
         "preprocessing": dict(PREPROCESSING),
-        # "probs" is softmax(logits / temperature): calibrated on val (1.0: not calibrated).
-        "temperature": float(calibration["temperature"]),
+        **calibration_metadata(calibration),
+    }
+    if test_accuracy is not None:
+        meta["test_accuracy"] = float(test_accuracy)
+    return meta
+
+
+def calibration_metadata(calibration: dict) -> dict[str, Any]:
+    """What the metadata says about a calibration record (toolkit.evaluate.calibrate)."""
+    calibrator = Calibrator.from_record(calibration)
+    selective = calibration["selective"]
+    return {
+        # "probs" is the calibrator's function of the logits (toolkit.evaluate.calibrators),
+        # fitted on val; "temperature" is its first step (1.0 and no val: not calibrated).
+        "temperature": float(calibrator.temperature),
         "calibrated_on": calibration["fitted_on"],
+        "calibration_method": calibrator.method,
+        "calibration_description": calibrator.describe(),
+        "calibrator": calibrator.record(),
         # Below this top-1 probability the predictions kept fall short of the target
         # accuracy on val: the app says "not sure" (None: it never does).
         "confidence_threshold": selective["threshold"],
         "confidence_target": selective["target_accuracy"],
     }
-    if test_accuracy is not None:
-        meta["test_accuracy"] = float(test_accuracy)
-    return meta
 
 
 def metadata_props(meta: dict[str, Any]) -> dict[str, str]:
