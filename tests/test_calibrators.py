@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from serving.card import calibration_rows
 from toolkit.evaluate.calibration import (
     expected_calibration_error,
     expected_threshold,
@@ -185,3 +186,16 @@ def test_the_not_sure_threshold_needs_val_and_the_calibrator_to_agree():
     assert fitted["threshold"] == pytest.approx(0.99) and fitted["bound_by"] == "val"
     assert expected_threshold(probs, 0.999) is None
     assert fit_selective(probs, labels, 0.999)["threshold"] is None
+
+
+def test_the_card_states_the_method_and_old_models_read_as_a_temperature():
+    new = {"calibrated_on": "val", "temperature": 0.7, "confidence_threshold": None}
+    new |= {"calibration_method": "top1-beta", "calibration_description": "softmax(…), then β"}
+    (row, *_) = calibration_rows(new, {})
+    assert row == (
+        "probabilities",
+        "calibrated by top1-beta, fitted and chosen on the val split: softmax(…), then β",
+    )
+    old = {"calibrated_on": "val", "temperature": 0.7, "confidence_threshold": None}
+    assert "calibrated by temperature" in calibration_rows(old, {})[0][1]
+    assert "softmax(logits / 0.700)" in calibration_rows(old, {})[0][1]
