@@ -19,12 +19,15 @@ from toolkit.evaluate.calibration import (
     negative_log_likelihood,
     selective_threshold,
 )
-from toolkit.evaluate.calibrators import (
+from toolkit.evaluate.calibrators import (  # the private pair: the map's own guard
     METHODS,
     Calibrator,
+    _piecewise_linear,
+    _top1_knots,
     choose_calibrator,
     cross_validated,
     fit_calibrator,
+    remap_top1,
 )
 from toolkit.export.onnx_graph import CalibratorHead, ExportHead, export_classifier, torch_to_onnx
 from toolkit.export.recalibrate import with_calibrator
@@ -73,6 +76,20 @@ def test_no_calibrator_changes_the_predicted_class(fitted):
         assert torch.equal(probs.argmax(1), logits.argmax(1)), calibrator.method
         assert torch.allclose(probs.sum(1), torch.ones(len(logits)), atol=1e-5)
         assert (probs >= 0).all()
+
+
+def test_a_top1_map_where_confidences_round_to_one_still_sums_to_one():
+    # A third of the images are certain in float32 (top-1 exactly 1.0) and 90 % right: the
+    # map must still send 1.0 to 1.0, as no other class is left to take 1 − g.
+    generator = torch.Generator().manual_seed(9)
+    probs = torch.softmax(torch.randn(3000, 10, generator=generator), 1)
+    probs[:1000] = nn.functional.one_hot(probs[:1000].argmax(1), 10).float()
+    labels = probs.argmax(1)
+    labels[torch.arange(0, 3000, 10)] = (labels[torch.arange(0, 3000, 10)] + 1) % 10
+    knots = _top1_knots(probs, labels)
+    assert knots[-1] == (1.0, 1.0) and knots[0] == (0.1, 0.1)
+    mapped = remap_top1(probs, lambda c, rest: _piecewise_linear(c, knots))
+    assert torch.allclose(mapped.sum(1), torch.ones(len(probs)), atol=1e-5)
 
 
 def test_the_top1_maps_rise_with_the_confidence(fitted):

@@ -216,15 +216,17 @@ def _top1_knots(probs: torch.Tensor, labels: torch.Tensor) -> tuple[tuple[float,
     confidence, predicted = probs.double().max(1)
     correct = (predicted == labels).double()
     order = torch.argsort(confidence, stable=True)
-    points = []  # [confidence, accuracy, count], one per bin
+    points = []  # [mean confidence, accuracy, weight]: equal-count bins weigh the same
     for chunk in torch.tensor_split(order, min(TOP1_BINS, len(order))):
         if len(chunk):
             points.append([float(confidence[chunk].mean()), float(correct[chunk].mean()), 1.0])
     pooled = _pool_adjacent_violators(points)
     floor = 1.0 / probs.shape[1]
     knots = {floor: floor, 1.0: 1.0}
-    for x, y, _ in pooled:  # a bin whose mean is an anchor (all at 1.0) replaces it
-        knots[x] = min(max(y, floor), 1.0)
+    for x, y, _ in pooled:
+        # A bin whose mean is an anchor (every confidence in it rounded to 1.0) keeps the
+        # anchor: at c = 1 there is no other class left to take 1 − g, so g must be 1.
+        knots.setdefault(x, min(max(y, floor), 1.0))
     xs = sorted(knots)
     ys = _pool_adjacent_violators([[x, knots[x], 1.0] for x in xs])  # the anchors may violate
     return tuple(
