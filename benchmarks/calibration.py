@@ -47,6 +47,7 @@ from toolkit.evaluate.calibration import (
 from toolkit.evaluate.calibrators import Calibrator, cross_validated
 from toolkit.evaluate.evaluation import calibration_report, reliability_png
 from toolkit.export.bench import cpu_info
+from toolkit.export.onnx_graph import calibration_metadata
 from toolkit.export.parity import PROB_TOLERANCE
 from toolkit.export.recalibrate import with_calibrator
 
@@ -179,23 +180,20 @@ def measure(folder: Path, data, cache: Path | None) -> dict:
         # What `toolkit evaluate` would write into metrics.json for the refitted model.
         "test_report": calibration_report(logits["test"], labels, record),
         "test_probs": probs,  # for failures.json; not written to the JSON
-        "diagnosis": shift_diagnosis(record["method"], logits, data),
+        "diagnosis": shift_diagnosis(record["method"], logits["test"], labels),
     }
 
 
-def shift_diagnosis(method: str, logits: dict, data) -> dict:
-    """Why a calibrator chosen on val may miss on test: the accuracies of the two splits, and
-    what `method` and one temperature reach when fitted on test itself (CV_FOLDS-fold, each
-    image scored by the fit on the others): a bound on what the method can do where fit and
-    measurement share one distribution, never used for anything shipped."""
-    out = {
-        "val_accuracy": float((logits["val"].argmax(1) == data.val.labels).float().mean()),
-        "test_accuracy": float((logits["test"].argmax(1) == data.test.labels).float().mean()),
-    }
+def shift_diagnosis(method: str, logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Why a calibrator chosen on val may miss on test: what `method` and one temperature
+    reach when fitted on test itself (CV_FOLDS-fold, each image scored by the fit on the
+    others): a bound on what the method can do where fit and measurement share one
+    distribution, never used for anything shipped."""
+    out = {}
     for name in dict.fromkeys(("temperature", method)):
-        probs = cross_validated(name, logits["test"], data.test.labels)
+        probs = cross_validated(name, logits, labels)
         out[f"test_fitted_{name}"] = {
-            "ece": expected_calibration_error(probs, data.test.labels),
+            "ece": expected_calibration_error(probs, labels),
             "ece_floor": noise_floor(probs),
         }
     return out
@@ -207,14 +205,7 @@ def write_artifact(folder: Path, row: dict, probs: torch.Tensor, data, command: 
     failures.json's confidences, the reliability diagram, the export report's record."""
     record = row["record"]
     calibrator = Calibrator.from_record(record)
-    changes = {
-        "temperature": calibrator.temperature,
-        "calibrated_on": "val",
-        "calibration_method": calibrator.method,
-        "calibration_description": calibrator.describe(),
-        "calibrator": calibrator.record(),
-        "confidence_threshold": record["selective"]["threshold"],
-    }
+    changes = calibration_metadata(record)
     images = data.test.images[:PARITY_IMAGES]
     old = OnnxClassifier(folder / "model.onnx", ["CPUExecutionProvider"])
     before = served_outputs(old, images, "logits")

@@ -28,7 +28,8 @@ def markdown(rows: list[dict], meta: dict, margin: float) -> str:
         "probabilities of model.onnx as shipped before issue #26 (one temperature, fitted on "
         "best.pt's plain logits: for speedrun, without the TTA views its graph serves). After: "
         "the calibrator chosen on val from the served logits, in the graph. Figures of the "
-        "'before' column are measured in the same run, before --write rewrote the files.",
+        "'before' columns are measured in the same run, before --write rewrote the files (to "
+        "reproduce them, run the command on the artifacts/ of a checkout from before #26).",
         "",
         f"| model | test acc | method chosen | ECE before | **ECE after** | floor | above "
         f"floor | ≤ {100 * margin:.1f} pt | NLL before → after | Brier before → after |",
@@ -127,7 +128,7 @@ def markdown(rows: list[dict], meta: dict, margin: float) -> str:
         method = after["method"]
         on_test = d[f"test_fitted_{method}"]
         lines.append(
-            f"| {r['artifact']} | {pct(d['val_accuracy'])} | {pct(d['test_accuracy'])} "
+            f"| {r['artifact']} | {pct(r['accuracy']['val'])} | {pct(r['accuracy']['test'])} "
             f"| {pct(after['val_candidates'][method]['ece'])} → {pct(after['ece'])} "
             f"| {pct(after['ece_floor'])} | {pct(d['test_fitted_temperature']['ece'])} "
             f"| {pct(on_test['ece'])} | {pct(on_test['ece_floor'])} |"
