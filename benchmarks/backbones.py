@@ -39,7 +39,8 @@ from toolkit.export.bench import (
     make_session,
     measure_onnx,
 )
-from toolkit.export.onnx_graph import DEFAULT_OPSET, INPUT_NAME, ExportHead, torch_to_onnx
+from toolkit.export.onnx_graph import INPUT_NAME, ExportHead, torch_to_onnx
+from toolkit.export.opset import DEFAULT_OPSET
 from toolkit.export.quantize import quantize_int8
 from toolkit.models import NormalizedClassifier, count_parameters, create_model
 from toolkit.models.registry import count_macs

@@ -73,7 +73,8 @@ def summary_row(target: Path, config) -> str:
     tta = f" + TTA ({meta['tta']})" if meta.get("tta") else ""
     return (
         f"| {target.name} | {config.model}{tta} | {config.epochs} | {meta['test_accuracy']:.2%} "
-        f"| {c['temperature']:.3f} | {c['raw']['ece']:.2%} → {c['calibrated']['ece']:.2%} "
+        f"| {c.get('method', 'temperature')} "
+        f"| {c['raw']['ece']:.2%} → {c['calibrated']['ece']:.2%} "
         f"| {(target / 'model.onnx').stat().st_size / 1e6:.2f} MB |"
     )
 
@@ -120,9 +121,9 @@ def main() -> None:
         "Trained on the real CIFAR-10 training images (45,000 train / 5,000 stratified val), "
         "best checkpoint by val accuracy, evaluated once on the official 10,000 test images. "
         "Regenerate with `make artifacts CIFAR10_DIR=path/to/cifar10`.\n\n"
-        "Probabilities are calibrated: softmax(logits / T), T fitted on the val split "
+        "Probabilities are calibrated by the method chosen for each model on its val split "
         "([benchmarks/calibration.md](../benchmarks/calibration.md)).\n\n"
-        "| artifact | model | epochs | test accuracy | T | ECE raw → calibrated (test) "
+        "| artifact | model | epochs | test accuracy | calibration | ECE raw → calibrated (test) "
         "| ONNX size |\n|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(summary) + "\n"
     )
     print((args.out / "README.md").read_text())

@@ -97,15 +97,18 @@ def tta_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
 
 
 def calibration_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
-    """What the probabilities mean: the temperature, and the "not sure" threshold with what
-    it kept on the test split (from the packaged evaluation, when it has them)."""
+    """What the probabilities mean: the calibration method and what it computes, and the
+    "not sure" threshold with what it kept on the test split (from the packaged evaluation,
+    when it has them). Models exported before there were several methods have a
+    temperature only."""
     if info.get("calibrated_on") is None:
         return [("probabilities", "softmax of the logits, not calibrated")]
+    method = info.get("calibration_method") or "temperature"
+    computed = info.get("calibration_description") or f"softmax(logits / {info['temperature']:.3f})"
     rows = [
         (
             "probabilities",
-            f"calibrated: softmax(logits / {info['temperature']:.3f}), the temperature "
-            "fitted on the val split",
+            f"calibrated by {method}, fitted and chosen on the val split: {computed}",
         )
     ]
     evaluated = _section(metrics, "calibration")

@@ -86,7 +86,8 @@ class OnnxClassifier:
         self.classes: list[str] = self._check_metadata()
         height, width = self.metadata["input_size"]
         self.input_size: tuple[int, int] = (int(height), int(width))
-        # Calibration (toolkit's export): the graph's "probs" are softmax(logits / T), and
+        # Calibration (toolkit's export): the graph's "probs" are calibrated on val (T is the
+        # first step of its calibrator; metadata "calibration_method" names the rest), and
         # below the threshold a prediction is "not sure". Older models: T = 1, no threshold.
         self.temperature = float(self.metadata.get("temperature", 1.0))
         self.confidence_threshold: float | None = self.metadata.get("confidence_threshold")

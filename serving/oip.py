@@ -114,6 +114,8 @@ class ModelSpec:
                 "model": meta["model"],
                 "input": "RGB in [0, 1], N×3×H×W; the normalisation is inside the model",
                 "temperature": classifier.temperature,
+                # What "probs" is beyond the temperature (older models: temperature alone).
+                "calibration_method": meta.get("calibration_method", "temperature"),
                 "confidence_threshold": classifier.confidence_threshold,
             },
         )

@@ -250,8 +250,9 @@ def test_below_the_threshold_the_page_says_not_sure_and_still_shows_the_top5(
 def test_the_model_card_says_what_the_probabilities_mean(catalog):
     served = catalog.get("cifar10-net")
     card = card_markdown(served)
-    temperature = served.info["temperature"]
-    assert f"calibrated: softmax(logits / {temperature:.3f})" in card
+    method, computed = served.info["calibration_method"], served.info["calibration_description"]
+    assert f"calibrated by {method}, fitted and chosen on the val split: {computed}" in card
+    assert f"softmax(logits / {served.info['temperature']:.3f})" in computed
     assert "| calibration error (ECE, test) |" in card and "raw →" in card
     threshold = served.info["confidence_threshold"]
     if threshold is None:

@@ -27,6 +27,7 @@ from toolkit.evaluate.calibration import (
     selective_result,
     selective_threshold,
 )
+from toolkit.evaluate.calibrators import Calibrator
 from toolkit.export import Timing, export_run
 from toolkit.export.onnx_graph import ExportHead, torch_to_onnx
 from toolkit.run.checkpoint import Checkpoint
@@ -164,8 +165,13 @@ def test_the_exported_probabilities_are_the_calibrated_ones(run):
     session = ort.InferenceSession(str(run / "export" / "model.onnx"))
     x = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
     logits, probs = session.run(["logits", "probs"], {"image": x})
-    expected = torch.from_numpy(logits).div(temperature).softmax(1).numpy()
+    expected = Calibrator.from_record(calibration).probs(torch.from_numpy(logits)).numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-6)
+    assert (
+        meta["calibration_method"]
+        == calibration["method"]
+        == report["metadata"]["calibrator"]["method"]
+    )
     with torch.no_grad():
         plain = Checkpoint.load(run / "best.pt").build_classifier()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits, plain, atol=1e-4)  # logits are not scaled
@@ -174,8 +180,8 @@ def test_the_exported_probabilities_are_the_calibrated_ones(run):
 def test_a_temperature_of_one_exports_the_graph_of_old(trained_run):
     classifier = Checkpoint.load(trained_run / "best.pt").build_classifier()
     plain = torch_to_onnx(ExportHead(classifier), (3, 32, 32), 17)
-    one = torch_to_onnx(ExportHead(classifier, 1.0), (3, 32, 32), 17)
-    scaled = torch_to_onnx(ExportHead(classifier, 1.7), (3, 32, 32), 17)
+    one = torch_to_onnx(ExportHead(classifier, Calibrator("temperature", 1.0)), (3, 32, 32), 17)
+    scaled = torch_to_onnx(ExportHead(classifier, Calibrator("temperature", 1.7)), (3, 32, 32), 17)
 
     def ops(model: onnx.ModelProto) -> list[str]:
         return [node.op_type for node in model.graph.node]

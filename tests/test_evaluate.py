@@ -19,6 +19,7 @@ from toolkit.cli import app
 from toolkit.data import DataOptions, Split, load_data
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import compare_runs, compute_metrics, evaluate_run, select_failures
+from toolkit.evaluate.calibrators import Calibrator
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import read_json
 
@@ -55,12 +56,14 @@ def read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
     return header[1:], np.array([[int(v) for v in row[1:]] for row in body])
 
 
-def independent_probs(run: Path, images: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def independent_probs(
+    run: Path, images: torch.Tensor, calibrator: Calibrator = Calibrator()
+) -> torch.Tensor:
     """Softmax of best.pt through NormalizedClassifier: a second path to the same predictions
-    (with `temperature`: the calibrated probabilities)."""
+    (with the run's `calibrator`: the calibrated probabilities)."""
     with torch.no_grad():
         logits = Checkpoint.load(run / "best.pt").build_classifier()(images.float() / 255)
-        return (logits / temperature).softmax(1)
+        return calibrator.probs(logits)
 
 
 def is_png(path: Path) -> bool:
@@ -235,8 +238,8 @@ def test_failure_gallery_holds_real_mistakes(trained_run, tmp_path):
     failures = json.loads((out / "failures.json").read_text())
     classes = data.spec.classes
     # The gallery's confidences are the served, calibrated ones.
-    temperature = json.loads((run / "calibration.json").read_text())["temperature"]
-    probs = independent_probs(run, data.test.images, temperature)
+    calibration = json.loads((run / "calibration.json").read_text())
+    probs = independent_probs(run, data.test.images, Calibrator.from_record(calibration))
     conf, preds = probs.max(1)
     assert len(failures) == 2 * 10
     for f in failures:

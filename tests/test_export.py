@@ -29,6 +29,8 @@ from toolkit.cli import app
 from toolkit.data import DataOptions, load_data
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run
+from toolkit.evaluate.calibration import fit_temperature
+from toolkit.evaluate.calibrators import Calibrator
 from toolkit.export import REQUIRED_AGREEMENT, export_run
 from toolkit.export.bench import (
     CPU,
@@ -41,6 +43,7 @@ from toolkit.export.bench import (
 )
 from toolkit.export.onnx_graph import (
     ExportHead,
+    calibration_metadata,
     check_model,
     count_macs,
     load_onnx,
@@ -70,6 +73,9 @@ META_KEYS = {
     "preprocessing",
     "temperature",
     "calibrated_on",
+    "calibration_method",
+    "calibration_description",
+    "calibrator",
     "confidence_threshold",
     "confidence_target",
 }
@@ -131,12 +137,9 @@ def make_run(
     return run_dir
 
 
-def meta_of(session: ort.InferenceSession) -> dict:
-    return {
-        k: json.loads(v)
-        for k, v in session.get_modelmeta().custom_metadata_map.items()
-        if k == "temperature"
-    }
+def calibrator_of(session: ort.InferenceSession) -> Calibrator:
+    props = session.get_modelmeta().custom_metadata_map
+    return Calibrator.from_record({"calibrator": json.loads(props["calibrator"])})
 
 
 def torch_macs(net: torch.nn.Module, shape: tuple[int, ...]) -> int:
@@ -301,7 +304,7 @@ def test_every_registered_model_exports_with_parity(
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(
         probs,
-        torch.softmax(torch.from_numpy(expected) / meta_of(session)["temperature"], 1).numpy(),
+        calibrator_of(session).probs(torch.from_numpy(expected)).numpy(),
         rtol=1e-4,
         atol=1e-5,
     )
@@ -493,11 +496,24 @@ def test_int8_report_fields(trained_run, exported):
     assert precision(int8_model) == "int8"
     assert q["size_mb"] == pytest.approx(int8_path.stat().st_size / 1e6)
     assert q["size_ratio"] < 0.6  # int8 weights: well under the fp32 file
-    assert read_metadata(int8_model) == {**report["metadata"], "precision": "int8"}
+    # Its own calibration, fitted on its own val logits (not the fp32 model's).
+    own = q["calibration"]["fitted"]
+    assert read_metadata(int8_model) == {
+        **report["metadata"],
+        **calibration_metadata(own),
+        "precision": "int8",
+    }
     assert count_macs(int8_model) == report["stats"]["macs_per_image"]
 
     config = json.loads((trained_run / "config.json").read_text())
     data = load_data(DataOptions(**config["data"]), seed=config["seed"])
+    session = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    val_logits, val_probs = session.run(None, {"image": data.val.images.float().div(255).numpy()})
+    assert own["temperature"] == fit_temperature(torch.from_numpy(val_logits), data.val.labels)
+    assert own["val_images"] == len(data.val)
+    expected = Calibrator.from_record(own).probs(torch.from_numpy(val_logits)).numpy()
+    np.testing.assert_allclose(val_probs, expected, atol=1e-5)
+    assert q["calibration"]["test"]["method"] == own["method"]
     int8_acc = float((ort_predict(int8_path, data.test.images) == data.test.labels.numpy()).mean())
     assert q["accuracy"] == pytest.approx(int8_acc)
     assert q["fp32_accuracy"] == fp32["onnx_accuracy"]

@@ -191,6 +191,7 @@ def test_a_shipped_model_describes_itself_as_its_onnx_graph_does(spec, classifie
     assert meta["parameters"]["classes"] == classifier.classes
     assert meta["parameters"]["max_batch_size"] == MAX_BATCH_SIZE
     assert meta["parameters"]["confidence_threshold"] == classifier.confidence_threshold
+    assert meta["parameters"]["calibration_method"] == classifier.metadata["calibration_method"]
     config = spec.config("cifar10_net")
     assert config["input"][0]["dims"] == [3, 32, 32] and config["max_batch_size"] == 64
     assert [o["dims"] for o in config["output"]] == [[10], [10]]

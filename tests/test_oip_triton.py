@@ -268,7 +268,7 @@ def test_the_readme_client_code_runs_as_written(server, capsys, monkeypatch, tmp
     tritonclient_code, httpx_code = readme_blocks("Calling it from code")
     namespace: dict = {}
     exec(tritonclient_code.replace("127.0.0.1:7860", address), namespace)
-    assert "b'0.970104:3:cat'" in capsys.readouterr().out  # what the README says it prints
+    assert "b'0.968786:3:cat'" in capsys.readouterr().out  # what the README says it prints
     exec(httpx_code.replace("127.0.0.1:7860", address), namespace)
     assert capsys.readouterr().out.startswith("cat [{'label': 'cat'")
     assert len(namespace["probs"]) == 10 and max(namespace["probs"]) > 0.9

@@ -215,6 +215,7 @@ def test_classifier_agrees_with_toolkit_evaluation(served_artifacts, dataset):
 
     from toolkit.data import DataOptions, load_data
     from toolkit.data.listing import label_base, parse_split_file, scan_image_folder, split_listing
+    from toolkit.evaluate.calibrators import Calibrator
     from toolkit.run.checkpoint import Checkpoint
 
     folder = served_artifacts / f"{dataset}-net"
@@ -223,8 +224,8 @@ def test_classifier_agrees_with_toolkit_evaluation(served_artifacts, dataset):
     data = load_data(DataOptions(**config["data"]), seed=config.get("seed", 0))
     with torch.no_grad():
         net = Checkpoint.load(run / "best.pt").build_classifier()
-        temperature = json.loads((folder / "model.json").read_text())["temperature"]
-        expected = (net(data.test.images.float() / 255) / temperature).softmax(1).numpy()
+        calibrator = Calibrator.from_record(json.loads((folder / "model.json").read_text()))
+        expected = calibrator.probs(net(data.test.images.float() / 255)).numpy()
     source = Path(config["data"]["data_dir"] or config["data"]["splits"])
     if dataset == "cifar10":
         listed = scan_image_folder(source / "test", data.spec)

@@ -182,7 +182,7 @@ def evaluate_cmd(
                 **_audit_rows(summary["audit"]),
                 "loss": summary["loss"],
                 "macro F1": summary["macro_f1"],
-                "temperature (val)": c["temperature"],
+                "calibration (fitted on val)": c.get("description") or c["method"],
                 "ECE raw → calibrated": f"{raw['ece']:.2%} → {calibrated['ece']:.2%}",
                 "not sure below": "never" if threshold is None else f"{threshold:.3f}",
                 f"kept (target {selective['target_accuracy']:.0%})": _kept(selective),

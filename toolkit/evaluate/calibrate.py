@@ -1,9 +1,11 @@
-"""A run's calibration: the temperature and the "not sure" threshold, fitted once on its val
-split and recorded in RUN/calibration.json for the best.pt they belong to.
+"""A run's calibration: the calibrator (toolkit.evaluate.calibrators, chosen among several
+on val) and the "not sure" threshold, fitted once on its val split and recorded in
+RUN/calibration.json for the best.pt they belong to.
 
 `toolkit evaluate` reports them on the test split and `toolkit export` puts them into the
-ONNX model (probs = softmax(logits / T) in the graph, T and the threshold in its metadata);
-whichever runs first fits them, the other reads the record. The test split is never used.
+ONNX model (the calibrator in the graph, its description and the threshold in its
+metadata); whichever runs first fits them, the other reads the record. The test split is
+never used.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from toolkit.data import DataBundle
 from toolkit.evaluate.calibration import (
     SELECTIVE_TARGET,
     calibration_metrics,
-    fit_temperature,
+    fit_selective,
     scaled_probs,
-    selective_threshold,
 )
+from toolkit.evaluate.calibrators import choose_calibrator
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.state import CALIBRATION_RECORD, current_calibration
 from toolkit.train.batches import Normalizer
@@ -54,6 +56,7 @@ def calibrate_run(run_dir: Path, ckpt: Checkpoint, data: DataBundle, device: str
         log.warning("%s has no val split: its probabilities stay uncalibrated (T = 1)", run_dir)
         record = {
             "temperature": 1.0,
+            "method": "temperature",
             "fitted_on": None,
             "note": "no val split (--val-fraction 0): not calibrated, T = 1, no threshold",
             "selective": {"target_accuracy": SELECTIVE_TARGET, "threshold": None},
@@ -61,9 +64,10 @@ def calibrate_run(run_dir: Path, ckpt: Checkpoint, data: DataBundle, device: str
     else:
         record = fit_calibration(checkpoint_logits(ckpt, data.val.images, device), data.val.labels)
         log.info(
-            "calibrated %s on %d val images: T = %.3f, not sure below %s",
+            "calibrated %s on %d val images: %s, T = %.3f, not sure below %s",
             run_dir,
             len(data.val),
+            record["method"],
             record["temperature"],
             record["selective"]["threshold"],
         )
@@ -73,21 +77,21 @@ def calibrate_run(run_dir: Path, ckpt: Checkpoint, data: DataBundle, device: str
 
 
 def fit_calibration(val_logits: torch.Tensor, val_labels: torch.Tensor) -> dict:
-    """The temperature and the selective threshold of these val logits, with the figures
-    they give on val."""
-    temperature = fit_temperature(val_logits, val_labels)
-    calibrated = scaled_probs(val_logits, temperature)
-    selective = selective_threshold(calibrated, val_labels, SELECTIVE_TARGET)
+    """The calibrator chosen on these val logits, the selective threshold of its
+    probabilities, and the figures they give on val ("temperature" is the calibrator's
+    own, the whole calibration for method "temperature")."""
+    calibrator, choice = choose_calibrator(val_logits, val_labels)
+    calibrated = calibrator.probs(val_logits)
     return {
-        "temperature": temperature,
+        "temperature": calibrator.temperature,
+        "method": calibrator.method,
+        "calibrator": calibrator.record(),
+        "description": calibrator.describe(),
+        "chosen_because": choice["reason"],
         "fitted_on": "val",
         "val_images": len(val_labels),
+        "val_candidates": choice["candidates"],
         "val_raw": calibration_metrics(scaled_probs(val_logits), val_labels),
         "val_calibrated": calibration_metrics(calibrated, val_labels),
-        "selective": {
-            "target_accuracy": SELECTIVE_TARGET,
-            "threshold": selective["threshold"],
-            "val_coverage": selective["coverage"],
-            "val_accuracy": selective["accuracy"],
-        },
+        "selective": fit_selective(calibrated, val_labels, SELECTIVE_TARGET),
     }

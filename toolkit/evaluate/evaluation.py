@@ -38,6 +38,7 @@ from toolkit.evaluate.calibration import (
     scaled_probs,
     selective_result,
 )
+from toolkit.evaluate.calibrators import Calibrator
 from toolkit.evaluate.chance import learned_nothing
 from toolkit.evaluate.metrics import compute_metrics, select_failures
 from toolkit.run.checkpoint import Checkpoint
@@ -151,13 +152,15 @@ def data_report(data: DataBundle, split: str) -> dict:
 
 
 def calibration_report(logits: torch.Tensor, labels: torch.Tensor, calibration: dict) -> dict:
-    """How calibrated the raw and the temperature-scaled probabilities are on these images,
+    """How calibrated the raw and the served (calibrated) probabilities are on these images,
     and what the val-fitted "not sure" threshold keeps of them."""
-    temperature = calibration["temperature"]
-    raw, calibrated = scaled_probs(logits), scaled_probs(logits, temperature)
+    raw = scaled_probs(logits)
+    calibrated = Calibrator.from_record(calibration).probs(logits)
     selective = calibration["selective"]
     return {
-        "temperature": temperature,
+        "temperature": calibration["temperature"],
+        "method": calibration.get("method", "temperature"),
+        **{k: calibration[k] for k in ("calibrator", "description") if k in calibration},
         "fitted_on": calibration["fitted_on"],
         "raw": {**calibration_metrics(raw, labels), "bins": reliability_bins(raw, labels)},
         "calibrated": {
@@ -184,13 +187,15 @@ def _write_evaluation(
     """Every file of an evaluation into `out`; returns metrics.json's record."""
     classes = list(ckpt.dataset["classes"])
     _write_reports(out, metrics, classes)
-    # With the served (calibrated) confidence: the gallery shows what the app would say.
-    calibrated = logits / metrics["calibration"]["temperature"]
-    _write_failures(out, chosen, calibrated, classes, doubts)
+    # With the served (calibrated) confidence: the gallery shows what the app would say
+    # (as log-probabilities, whose softmax select_failures takes is the probabilities).
+    calibrated = Calibrator.from_record(metrics["calibration"]).probs(logits)
+    _write_failures(out, chosen, calibrated.log(), classes, doubts)
     title = f"{ckpt.model['name']} · {split} accuracy {metrics['accuracy']:.2%}"
     cm_png = plots.confusion_matrix_png(metrics["confusion"], classes, title)
     atomic_write_bytes(out / "confusion_matrix.png", cm_png)
-    atomic_write_bytes(out / "reliability_diagram.png", _reliability_png(ckpt, split, metrics))
+    diagram = reliability_png(ckpt.model["name"], split, metrics["calibration"])
+    atomic_write_bytes(out / "reliability_diagram.png", diagram)
     _write_curves(out, run_dir, ckpt)
     record = {
         "split": split,
@@ -212,14 +217,19 @@ def _write_evaluation(
     return record
 
 
-def _reliability_png(ckpt: Checkpoint, split: str, metrics: dict) -> bytes:
-    c = metrics["calibration"]
+def reliability_png(model: str, split: str, c: dict) -> bytes:
+    """The reliability diagram of a calibration report (calibration_report): raw and served."""
     raw, calibrated = c["raw"], c["calibrated"]
     curves = {
         f"raw (ECE {raw['ece']:.2%})": raw["bins"],
-        f"T = {c['temperature']:.2f} (ECE {calibrated['ece']:.2%})": calibrated["bins"],
+        f"{_calibrated_label(c)} (ECE {calibrated['ece']:.2%})": calibrated["bins"],
     }
-    return plots.reliability_png(curves, f"{ckpt.model['name']} · {split} · reliability")
+    return plots.reliability_png(curves, f"{model} · {split} · reliability")
+
+
+def _calibrated_label(c: dict) -> str:
+    method = c.get("method", "temperature")
+    return f"T = {c['temperature']:.2f}" if method == "temperature" else method
 
 
 def _write_reports(out: Path, metrics: dict, classes: list[str]) -> None:

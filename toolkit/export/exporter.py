@@ -25,6 +25,7 @@ import torch
 from toolkit.atomic import atomic_write_bytes, atomic_write_json
 from toolkit.errors import ToolkitError
 from toolkit.evaluate.calibrate import calibrate_run
+from toolkit.evaluate.calibrators import Calibrator
 from toolkit.export.bench import (
     CPU,
     DEFAULT_TIMING,
@@ -42,10 +43,10 @@ from toolkit.export.onnx_graph import (
     EXPORTER,
     ExportHead,
     build_metadata,
-    check_opset,
     count_macs,
     export_classifier,
 )
+from toolkit.export.opset import check_opset
 from toolkit.export.parity import (
     check_parity,
     compare,
@@ -109,7 +110,7 @@ def export_run(
     classifier = ckpt.build_classifier()
     if tta_level:
         classifier = TTAClassifier(classifier, tta_level)
-    head = ExportHead(classifier, calibration["temperature"]).eval()
+    head = ExportHead(classifier, Calibrator.from_record(calibration)).eval()
     test_accuracy = _test_accuracy(run_dir, ckpt, tta_level)
     meta = build_metadata(ckpt, count_parameters(head), test_accuracy, calibration)
     if tta_level:  # the logits are the average over these views (toolkit.tta)
@@ -149,7 +150,8 @@ def export_run(
     fp32 = {**verification, "latency": latency, "size_bytes": len(model_bytes)}
     variants = []
     if int8:
-        variants.append(int8_variant(model, data.train.images, split, reference, fp32, cpu, plan))
+        train, val = data.train.images, data.val
+        variants.append(int8_variant(model, train, val, split, reference, fp32, cpu, plan))
     if fp16:
         variants.append(fp16_variant(model, split, reference, fp32, plan))
     files = {ONNX_FILE: model_bytes, **{v.file: v.payload for v in variants}}

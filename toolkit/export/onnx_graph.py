@@ -29,6 +29,8 @@ from serving.classifier import parse_metadata
 from serving.preprocess import preprocessing_rules
 from toolkit.data.specs import parse_size
 from toolkit.errors import ToolkitError, error_summary, first_line
+from toolkit.evaluate.calibrators import Calibrator
+from toolkit.export.opset import EXPORT_OPSET, convert_opset
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.version import __version__
 
@@ -36,14 +38,6 @@ from toolkit.version import __version__
 EXPORTER = "torch.onnx dynamo exporter (torch.export), opset 18, onnx version converter"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "probs")
-# 17 runs on every onnxruntime since 1.13 and every recent Triton (the IR version is lowered to
-# what the opset needs, see torch_to_onnx); nothing in these models needs a newer operator.
-DEFAULT_OPSET = 17
-# The exporter's operator library (torchlib) writes opset 18; every other opset is a conversion
-# by onnx's version converter, which has no down-adapter for BatchNormalization-15 (a BN after
-# an activation, as in lenet5 --batch-norm, stays in the graph) nor for Sub-14 (every model).
-EXPORT_OPSET = 18
-MIN_OPSET = 15
 # A failing torch.export logs a multi-line warning with the traced graph and print()s the
 # partial graph to stderr, once per capture strategy; the ToolkitError says what matters.
 _QUIET_LOGGERS = (
@@ -56,42 +50,31 @@ _QUIET_LOGGERS = (
 
 
 class ExportHead(nn.Module):
-    """classifier -> (logits, softmax(logits / T)): what the ONNX graph computes, also timed
-    in torch. The temperature only calibrates the probabilities: logits, and so every top-1
-    prediction, stay the classifier's; with T = 1 the graph has no division at all."""
+    """classifier -> (logits, calibrated probabilities): what the ONNX graph computes, also
+    timed in torch. The calibrator (toolkit.evaluate.calibrators) only calibrates the
+    probabilities: logits, and so every top-1 prediction, stay the classifier's; the default
+    (T = 1) is a plain softmax, without a division."""
 
-    def __init__(self, classifier: nn.Module, temperature: float = 1.0):
+    def __init__(self, classifier: nn.Module, calibrator: Calibrator = Calibrator()):
         super().__init__()
         self.classifier = classifier
-        self.temperature = float(temperature)
+        self.calibrator = CalibratorHead(calibrator)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.classifier(image)
-        scaled = logits if self.temperature == 1.0 else logits / self.temperature
-        return logits, torch.softmax(scaled, dim=1)
+        return logits, self.calibrator(logits)
 
 
-def max_opset() -> int:
-    """The newest opset both torch.onnx and the installed onnx can write."""
-    try:
-        from torch.onnx._constants import ONNX_MAX_OPSET as exporter_max
-    except ImportError:  # a private constant: if it moves, stay on the exporter's own opset
-        exporter_max = EXPORT_OPSET
-    return min(int(exporter_max), onnx.defs.onnx_opset_version())
+class CalibratorHead(nn.Module):
+    """logits -> calibrated probabilities, alone: the graph toolkit.export.recalibrate puts
+    behind an exported classifier's logits."""
 
+    def __init__(self, calibrator: Calibrator):
+        super().__init__()
+        self.calibrator = calibrator
 
-def check_opset(opset: int | None) -> int:
-    """The opset to export with; one this installation cannot produce is a ToolkitError."""
-    if opset is None:
-        return min(DEFAULT_OPSET, max_opset())
-    top = max_opset()
-    if not MIN_OPSET <= opset <= top:
-        raise ToolkitError(
-            f"cannot export opset {opset}: torch {torch.__version__} with onnx "
-            f"{onnx.__version__} writes opsets {MIN_OPSET}..{top}; pass --opset in that range "
-            f"(default {DEFAULT_OPSET})"
-        )
-    return opset
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.calibrator.probs(logits)
 
 
 @contextlib.contextmanager
@@ -119,26 +102,14 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _drop_converted_reduce_attribute(model: onnx.ModelProto) -> None:
-    """onnx's version converter takes a ReduceMean (and kin) below opset 18 (axes back to an
-    attribute) but keeps its `noop_with_empty_axes`, an attribute only opset 18 has and
-    onnx.checker then refuses (timm's global average pool). At 0, its default, it means
-    nothing; at 1 there is no older equivalent."""
-    for node in model.graph.node:
-        if not node.op_type.startswith("Reduce"):
-            continue
-        for attribute in list(node.attribute):
-            if attribute.name != "noop_with_empty_axes":
-                continue
-            if attribute.i:
-                raise ToolkitError(f"{node.op_type} with noop_with_empty_axes=1 needs opset 18")
-            node.attribute.remove(attribute)
-
-
 def torch_to_onnx(
-    head: nn.Module, input_shape: tuple[int, int, int], opset: int
+    head: nn.Module,
+    input_shape: tuple[int, ...],
+    opset: int,
+    names: tuple[str, tuple[str, ...]] = (INPUT_NAME, OUTPUT_NAMES),
 ) -> onnx.ModelProto:
-    """`head` (eval mode) as an ONNX model with a dynamic batch dimension, at `opset`.
+    """`head` (eval mode) as an ONNX model with a dynamic batch dimension, at `opset`; its
+    input and outputs are called `names` (the classifier's image -> logits, probs).
 
     The torch.export-based exporter (torch.onnx.export(dynamo=True)) traces the model, its
     optimizer folds constants and every BatchNorm that follows a Conv or Linear, and onnx's
@@ -153,8 +124,8 @@ def torch_to_onnx(
                 head,
                 (example,),
                 dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                input_names=[names[0]],
+                output_names=list(names[1]),
                 # Positional (independent of forward()'s argument name); the Dim's name is the
                 # dim_param of the input and both outputs.
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
@@ -180,14 +151,7 @@ def torch_to_onnx(
                 "(x.flatten(1), not x.view(2, -1))"
             )
     if opset != EXPORT_OPSET:
-        try:
-            model = onnx.version_converter.convert_version(model, opset)
-        except Exception as exc:  # no adapter for one of the graph's operators
-            raise ToolkitError(
-                f"cannot convert the exported graph to opset {opset}: {first_line(exc, 200)}; "
-                f"pass another --opset in {MIN_OPSET}..{max_opset()} (default {DEFAULT_OPSET})"
-            ) from exc
-        _drop_converted_reduce_attribute(model)
+        model = convert_opset(model, opset)
     written = {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")}
     if written != {opset}:
         raise ToolkitError(f"ONNX export wrote opset {sorted(written)}, not {opset}")
@@ -219,7 +183,6 @@ def build_metadata(
 
     `test_accuracy` is that of `toolkit evaluate` on this very checkpoint, or None.
     """
-    selective = calibration["selective"]
     model, ds = ckpt.model, ckpt.dataset
     size = parse_size(model["input_size"])
     meta: dict[str, Any] = {
@@ -236,17 +199,30 @@ def build_metadata(
         "val_accuracy": None if math.isnan(ckpt.best_val_acc) else float(ckpt.best_val_acc),
         "toolkit_version": __version__,
         "preprocessing": preprocessing_rules(size),
-        # "probs" is softmax(logits / temperature): calibrated on val (1.0: not calibrated).
-        "temperature": float(calibration["temperature"]),
+        **calibration_metadata(calibration),
+    }
+    if test_accuracy is not None:
+        meta["test_accuracy"] = float(test_accuracy)
+    return meta
+
+
+def calibration_metadata(calibration: dict) -> dict[str, Any]:
+    """What the metadata says about a calibration record (toolkit.evaluate.calibrate)."""
+    calibrator = Calibrator.from_record(calibration)
+    selective = calibration["selective"]
+    return {
+        # "probs" is the calibrator's function of the logits (toolkit.evaluate.calibrators),
+        # fitted on val; "temperature" is its first step (1.0 and no val: not calibrated).
+        "temperature": float(calibrator.temperature),
         "calibrated_on": calibration["fitted_on"],
+        "calibration_method": calibrator.method,
+        "calibration_description": calibrator.describe(),
+        "calibrator": calibrator.record(),
         # Below this top-1 probability the predictions kept fall short of the target
         # accuracy on val: the app says "not sure" (None: it never does).
         "confidence_threshold": selective["threshold"],
         "confidence_target": selective["target_accuracy"],
     }
-    if test_accuracy is not None:
-        meta["test_accuracy"] = float(test_accuracy)
-    return meta
 
 
 def metadata_props(meta: dict[str, Any]) -> dict[str, str]:

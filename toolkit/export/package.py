@@ -9,8 +9,9 @@
 
 The serving app reads only this layout, so it never needs torch or the run folder. With
 variant="int8" the export's model.int8.onnx is packaged as the folder's model.onnx, and its
-model.json carries the INT8 model's own test accuracy (the export measured it) and
-"precision": "int8", so the model card shows the INT8 model's agreement with torch.
+model.json carries the INT8 model's own test accuracy (the export measured it), its own
+calibration (metrics.json's calibration too) and "precision": "int8", so the model card shows
+the INT8 model's agreement with torch and its own probabilities' figures.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from toolkit.atomic import atomic_folder, atomic_write_json, remove_stale_temp
 from toolkit.errors import ToolkitError
+from toolkit.export.onnx_graph import calibration_metadata
 from toolkit.export.quantize import INT8_FILE
 from toolkit.run.folder import read_json
 
@@ -74,6 +76,12 @@ def _swap_in_int8(folder: Path) -> None:
     (folder / INT8_FILE).replace(folder / "model.onnx")
     meta = read_json(folder / "model.json")
     meta = {**meta, "test_accuracy": int8["accuracy"], "precision": "int8"}
+    # Its own calibrator (toolkit.export.quantize): the card's figures are the INT8 model's.
+    own = int8.get("calibration")
+    if own:
+        meta.update(calibration_metadata(own["fitted"]))
+        metrics = read_json(folder / "metrics.json")
+        atomic_write_json(folder / "metrics.json", {**metrics, "calibration": own["test"]})
     atomic_write_json(folder / "model.json", meta)
 
 

@@ -5,6 +5,11 @@ optimisation), then QDQ with uint8 activations and per-channel int8 weights, cal
 min/max on a few hundred training images. CPUs without VNNI get 7-bit weights
 (``reduce_range``), which onnxruntime recommends there to avoid saturating the u8×s8 dot
 products of AVX2/AVX-512.
+
+The INT8 model's logits are not the fp32 model's, so its probabilities get their own
+calibrator, chosen on its own val logits exactly as the fp32 model's was
+(toolkit.evaluate.calibrate.fit_calibration) and swapped into its graph
+(toolkit.export.recalibrate).
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ import torch
 
 from toolkit.data import Split
 from toolkit.errors import ToolkitError
+from toolkit.evaluate.calibrate import fit_calibration
+from toolkit.evaluate.calibrators import Calibrator
+from toolkit.evaluate.evaluation import calibration_report
 from toolkit.export.bench import BATCH_SIZES, CPU, CUDA, LatencyPlan, make_session, measure_onnx
-from toolkit.export.onnx_graph import INPUT_NAME, check_model
+from toolkit.export.onnx_graph import INPUT_NAME, calibration_metadata, check_model
 from toolkit.export.parity import compare, onnx_outputs
+from toolkit.export.recalibrate import with_calibrator
 
 log = logging.getLogger(__name__)
 
@@ -156,19 +165,42 @@ def _check_and_time(
     return payload, versus, plan.rows(fmt, len(payload), versus["onnx_accuracy"], measured)
 
 
+def recalibrate_int8(
+    quantized: onnx.ModelProto, val: Split, split: Split, plan: LatencyPlan
+) -> tuple[onnx.ModelProto, dict | None]:
+    """The INT8 model with its own calibrator, fitted on its val logits, and the calibration
+    section of its report (the val record and the figures on `split`); unchanged, with None,
+    when there is no val split to fit on."""
+    if len(val) == 0:
+        return quantized, None
+    session = make_session(quantized.SerializeToString(), CPU, plan.threads)
+    val_logits, _ = onnx_outputs(session, val.images, description="onnx int8 · val")
+    record = fit_calibration(torch.from_numpy(val_logits), val.labels)
+    recalibrated = with_calibrator(
+        quantized, Calibrator.from_record(record), calibration_metadata(record)
+    )
+    session = make_session(recalibrated.SerializeToString(), CPU, plan.threads)
+    logits, _ = onnx_outputs(session, split.images, description="onnx int8 · calibrated")
+    report = calibration_report(torch.from_numpy(logits), split.labels, record)
+    return recalibrated, {"fitted": record, "test": report}
+
+
 def int8_variant(
     model: onnx.ModelProto,
     train_images: torch.Tensor,
+    val: Split,
     split: Split,
     reference,
     fp32: dict,
     cpu: dict,
     plan: LatencyPlan,
 ) -> Variant:
-    """Quantize (calibrated on `train_images`), compare with torch on the split, time on the
-    CPU. `fp32` is the fp32 model's verification plus its "latency" rows, to compare with."""
+    """Quantize (calibrated on `train_images`), give it its own calibrator (fitted on `val`),
+    compare with torch on the split, time on the CPU. `fp32` is the fp32 model's
+    verification plus its "latency" rows, to compare with."""
     calibration = calibration_images(train_images)
     quantized = quantize_int8(model, calibration, vnni=cpu["vnni"])
+    quantized, probabilities = recalibrate_int8(quantized, val, split, plan)
     payload, versus, rows = _check_and_time(quantized, "onnx int8", CPU, split, reference, plan)
     speedups = {
         f"batch_{b}": _p50(fp32["latency"], "onnx fp32", b) / _p50(rows, "onnx int8", b)
@@ -193,6 +225,9 @@ def int8_variant(
         "faster_than_fp32": min(speedups.values()) >= 1.0,
         "cpu_vnni": cpu["vnni"],
         "note": int8_note(speedups["batch_1"], speedups[f"batch_{BATCH_SIZES[-1]}"], cpu),
+        # Its own calibrator (None without val: the fp32 model's, T = 1); package_run
+        # serves it with these.
+        "calibration": probabilities,
     }
     return Variant("int8", INT8_FILE, payload, section, rows)
 

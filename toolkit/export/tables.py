@@ -87,8 +87,11 @@ def _calibration_text(meta: dict) -> str:
         return "not calibrated (no val split): softmax(logits)"
     threshold = meta.get("confidence_threshold")
     not_sure = "never" if threshold is None else f"below {threshold:.3f}"
+    calibrated = (
+        meta.get("calibration_description") or f"softmax(logits / {meta['temperature']:.3f})"
+    )
     return (
-        f'softmax(logits / {meta["temperature"]:.3f}), T fitted on val; "not sure" '
+        f'{calibrated}, fitted on val; "not sure" '
         f"{not_sure} (target {meta['confidence_target']:.0%} accuracy)"
     )
 
