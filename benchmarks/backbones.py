@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,7 +113,13 @@ def p50(rows: list[dict], batch: int) -> float:
     return next(r["p50_ms"] for r in rows if r["batch"] == batch)
 
 
+def stage(name: str) -> None:
+    """Say which step runs, for the parent to name when this process dies natively."""
+    print(f"stage: {name}", file=sys.stderr, flush=True)
+
+
 def measure(arch: str, size: int, images: np.ndarray, labels: np.ndarray, cpu: dict) -> dict:
+    stage("build")
     torch.manual_seed(0)
     net = create_model(f"timm/{arch}", num_classes=10, input_size=size)
     row: dict = {
@@ -118,8 +127,11 @@ def measure(arch: str, size: int, images: np.ndarray, labels: np.ndarray, cpu: d
         "params": count_parameters(net),
         "macs": count_macs(net, (size, size)),
     }
+    stage("training fp32")
     row["train_img_per_s_fp32"] = train_rate(net, size, None)
+    stage("training bf16")
     row["train_img_per_s_bf16"] = train_rate(net, size, torch.bfloat16)
+    stage("ONNX export")
     torch.manual_seed(0)  # the measured weights again, not the ones training stepped
     net = create_model(f"timm/{arch}", num_classes=10, input_size=size).eval()
     head = ExportHead(NormalizedClassifier(net, list(MEAN), list(STD))).eval()
@@ -129,6 +141,7 @@ def measure(arch: str, size: int, images: np.ndarray, labels: np.ndarray, cpu: d
     except Exception as exc:  # ToolkitError names the operator; anything else is reported
         row["refused"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         return row
+    stage("parity and latency")
     threads = default_threads()
     session = make_session(model.SerializeToString(), CPU, threads)
     with torch.inference_mode():
@@ -138,6 +151,7 @@ def measure(arch: str, size: int, images: np.ndarray, labels: np.ndarray, cpu: d
     row["untrained_accuracy"] = float((onnx_logits.argmax(1) == labels).mean())
     rows = measure_onnx(session, (3, size, size), CPU, threads, DEFAULT_TIMING)
     row["onnx_ms_b1"], row["onnx_ms_b64"] = p50(rows, 1), p50(rows, 64)
+    stage("INT8")
     try:
         int8 = quantize_int8(model, images[::40][:256], vnni=cpu["vnni"])
         int8_session = make_session(int8.SerializeToString(), CPU, threads)
@@ -178,6 +192,9 @@ def report(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        if "crashed" in r:
+            lines.append(f"| {r['model']} | crashed: {r['crashed']} | | | | | | | | |")
+            continue
         head = (
             f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.0f} | "
             f"{r['train_img_per_s_fp32']:.0f} | {r['train_img_per_s_bf16']:.0f} |"
@@ -198,8 +215,27 @@ def report(result: dict) -> str:
         lines.append(
             f"{head} {agreement} | {r['onnx_ms_b1']:.2f} | {r['onnx_ms_b64']:.1f} | {int8}"
         )
-    lines += ["", f"Measured in {result['seconds'] / 60:.0f} min."]
+    if result.get("seconds"):
+        lines += ["", f"Measured in {result['seconds'] / 60:.0f} min."]
+    if result.get("note"):
+        lines += ["", result["note"]]
     return "\n".join(lines) + "\n"
+
+
+def measure_isolated(arch: str, args) -> dict:
+    """`measure` in a child process: a native crash (one architecture aborted with a heap
+    corruption here) becomes the row's reason instead of ending the benchmark."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        command = [sys.executable, "-m", "benchmarks.backbones", "--data-dir", str(args.data_dir)]
+        command += ["--size", str(args.size), "--one", arch, "--row-out", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            return json.loads(out.read_text())
+    stages = [line for line in done.stderr.splitlines() if line.startswith("stage: ")]
+    where = stages[-1].removeprefix("stage: ") if stages else "start-up"
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    return {"model": f"timm/{arch}", "crashed": f"exit {done.returncode} in {where}: {last}"}
 
 
 def main() -> None:
@@ -208,24 +244,29 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--only", default="", help="comma-separated architectures")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child of measure_isolated
+    parser.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        images, labels = test_images(args.data_dir, args.size)
+        row = measure(args.one, args.size, images, labels, cpu_info())
+        args.row_out.write_text(json.dumps(row))
+        return
     import onnxruntime
     import timm
 
     start = time.perf_counter()
-    cpu = cpu_info()
-    images, labels = test_images(args.data_dir, args.size)
     archs = [a for a in CURATED if not args.only or a in args.only.split(",")]
     rows = []
     for arch in archs:
         print(f"{arch} ...", flush=True)
-        rows.append(measure(arch, args.size, images, labels, cpu))
+        rows.append(measure_isolated(arch, args))
         print(json.dumps(rows[-1]), flush=True)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     result = {
         "command": f"python -m benchmarks.backbones --data-dir DATA --size {args.size}"
         + (f" --only {args.only}" if args.only else ""),
-        "cpu": cpu,
+        "cpu": cpu_info(),
         "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
         "torch": torch.__version__,
         "timm": timm.__version__,

@@ -5,8 +5,8 @@ fail silently, and which command should the README recommend?
 
 The folder is made of real photos: 3 CIFAR-10 classes (cat, dog, horse), 150 training and 40
 test images each from the official train and test files, enlarged to 160x128 JPEGs (quality
-90), so it has the size and shape of the folder issue #24 was measured on (there, 8 of 10
-default commands ended at chance with a normal summary). Each command runs in-process as
+90), so it has the size and shape of the folder issue #24 was measured on (there, 3 of its 6
+toolkit commands ended at chance with a normal summary). Each command runs in-process as
 `toolkit train` + `toolkit evaluate` would, one after the other on an otherwise idle machine;
 10 % of train is carved for val. Writes benchmarks/small_folder.{json,md}.
 """
@@ -36,12 +36,12 @@ COMMANDS = (
     ("net", {}),
     ("lenet5", {"image_size": 96}),
     ("resnet10", {"image_size": 96}),
-    ("speedrun", {"image_size": 96}),
-    ("resnet9", {"image_size": 96}),
     ("timm/resnet18", {"image_size": 96}),
-    ("timm/resnet18", {"image_size": 96, "recipe": "finetune"}),
     ("timm/resnet18", {"image_size": "96x80", "recipe": "finetune"}),
 )
+# Not re-run: `speedrun` and `resnet9` at 96 px, the issue's other chance-level commands. On
+# this AVX2 CPU (fp32) speedrun trains 8 images/s at 96 px, so its fitted recipe (23 epochs of
+# 405 images) would take about 20 minutes, resnet9 longer.
 
 
 def write_folder(cifar10: Path, root: Path) -> Path:
@@ -96,8 +96,8 @@ def report(result: dict) -> str:
         "enlarged to 160x128 JPEGs; 10 % of train carved for val (405 train, 45 val, 120 "
         "test). No pretrained weights (none can be downloaded here).",
         "",
-        "| command | recipe | batch | epochs | fitted to the data | test acc | at chance? | "
-        "seconds |",
+        "| command | recipe | batch | epochs | fitted to the data | test acc | at chance "
+        "(evaluate's verdict) | seconds |",
         "|---|---|---:|---:|---|---:|---|---:|",
     ]
     for r in result["rows"]:
@@ -105,11 +105,17 @@ def report(result: dict) -> str:
         changed = (
             ", ".join(f"{k} {a}→{b}" for k, (a, b) in fitted["changed"].items()) if fitted else ""
         )
-        chance = "**yes** (said)" if r["learned_nothing_test"] or r["learned_nothing_val"] else ""
+        chance = "**yes**, said" if r["learned_nothing_test"] else ""
         lines.append(
             f"| `{r['command']}` | {r['recipe']} | {r['batch_size']} | {r['epochs']} | "
             f"{changed} | {r['test_acc']:.1%} | {chance} | {r['seconds']:.0f} |"
         )
+    lines += [
+        "",
+        "Not run: `speedrun` and `resnet9` at 96 px, the issue's other chance-level commands "
+        "(about 20 minutes each on this AVX2 CPU with their fitted recipes). Seconds are the "
+        "training command's, evaluation excluded.",
+    ]
     return "\n".join(lines) + "\n"
 
 

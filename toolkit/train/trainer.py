@@ -196,7 +196,9 @@ def _train(config, run_dir, data, resumed, dist, device, pretrained) -> RunResul
             _check_replicas(setup.net, dist)
         verdict = None
         if dist.is_main and not interrupted and len(val):
-            predicted = predict_logits(setup.net, val.images, normalize, device).argmax(1)
+            # best.pt's answers: the model evaluate, export and the app will use.
+            best_net = Checkpoint.load(run_dir / "best.pt").build_net().to(device)
+            predicted = predict_logits(best_net, val.images, normalize, device).argmax(1)
             verdict = learned_nothing(predicted, val.labels.cpu(), data.spec.classes)
             if verdict:
                 log.warning("no sign this run learned anything: on val %s", verdict)
