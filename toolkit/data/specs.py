@@ -146,6 +146,8 @@ class DataOptions:
     )
 
     def __post_init__(self):
+        if self.image_size is not None:  # one spelling per size: 96 and "96" are one config
+            object.__setattr__(self, "image_size", size_option(parse_size(self.image_size)))
         if self.bad_files not in BAD_FILE_POLICIES:
             raise ToolkitError(
                 f"--bad-files must be {' or '.join(BAD_FILE_POLICIES)}, got '{self.bad_files}'"
@@ -173,6 +175,12 @@ def recorded_size(size: tuple[int, int]) -> int | list[int]:
     existed), else [height, width]."""
     height, width = size
     return height if height == width else [height, width]
+
+
+def size_option(size: tuple[int, int]) -> int | str:
+    """How --image-size records a size: N when square, else "WIDTHxHEIGHT"."""
+    height, width = size
+    return height if height == width else f"{width}x{height}"
 
 
 def size_label(size: tuple[int, int]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from toolkit.data.specs import DataOptions
+from toolkit.data.specs import DataOptions, size_option
 from toolkit.errors import ToolkitError
 from toolkit.options import as_flags, declared, given_values, option, recipe_option
 from toolkit.train import recipes
@@ -174,9 +174,8 @@ class TrainConfig:
             others["pretrained"] = weights.where  # the tag, or the file's absolute path
             others["normalization"] = weights.preprocessing()
             if data.image_size is None:
-                height, width = weights.preprocessing()["input_size"]
-                size = height if height == width else f"{width}x{height}"
-                data = dataclasses.replace(data, image_size=size)
+                size = tuple(weights.preprocessing()["input_size"])
+                data = dataclasses.replace(data, image_size=size_option(size))
         recipe = recipe or ("finetune" if others.get("pretrained") else "default")
         return cls(
             model=model,
