@@ -338,3 +338,28 @@ def test_a_pretrained_fine_tune_resumes_exactly(imagenet_like, photos, tmp_path)
     a = Checkpoint.load(straight / "last.pt").state_dict
     b = Checkpoint.load(tmp_path / "resumed" / "last.pt").state_dict
     assert all(torch.equal(tensor, b[key]) for key, tensor in a.items())
+
+
+def test_a_pretrained_fine_tune_trains_under_torchrun(imagenet_like, photos, tmp_path):
+    """Two gloo processes: the weights loaded on each rank, the frozen first epoch and the
+    balanced sampler keep the replicas identical."""
+    from tests.test_distributed import rank_digests, torchrun
+
+    run = tmp_path / "ddp-run"
+    args = ["timm/test_resnet", "--data-dir", photos, "--data-root", tmp_path / "data"]
+    args += ["--image-size", 32, "--epochs", 2, "--device", "cpu", "--amp", "off"]
+    torchrun(
+        *args,
+        "--pretrained",
+        imagenet_like["pth"],
+        "--balance",
+        "sampler",
+        "--run-dir",
+        run,
+        cwd=tmp_path,
+    )
+    first, second = rank_digests(run)
+    assert first == second
+    config = json.loads((run / "config.json").read_text())
+    assert config["engine"]["world_size"] == 2 and config["initialised_from"]["source"] == "file"
+    assert config["recipe"] == "finetune" and config["freeze_epochs"] == 1

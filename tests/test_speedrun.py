@@ -321,6 +321,10 @@ def test_a_tta_model_ships_with_its_own_accuracy_and_an_int8_twin(tmp_path, cifa
 
     assert fp32.test_accuracy == pytest.approx(record["tta"]["accuracy"])
     assert int8.test_accuracy == pytest.approx(report["int8"]["accuracy"])
+    # The graph serves the views' average: its calibrator was fitted on those val logits.
+    served = json.loads((run / "calibration-tta2.json").read_text())
+    assert served["tta"] == 2 and fp32.info["calibrator"] == served["calibrator"]
+    assert json.loads((run / "calibration.json").read_text())["tta"] == 0  # evaluate's
     shipped = (tmp_path / "artifacts" / "speedrun-int8" / "model.onnx").read_bytes()
     assert shipped == (run / "export" / "model.int8.onnx").read_bytes()
     card = card_markdown(fp32)

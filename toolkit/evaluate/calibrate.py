@@ -25,7 +25,7 @@ from toolkit.evaluate.calibration import (
 )
 from toolkit.evaluate.calibrators import choose_calibrator
 from toolkit.run.checkpoint import Checkpoint
-from toolkit.run.state import CALIBRATION_RECORD, current_calibration
+from toolkit.run.state import calibration_record, current_calibration
 from toolkit.train.batches import Normalizer
 from toolkit.train.engine import EVAL_BATCH_SIZE, pick_device, predict_logits
 from toolkit.tta import TTAClassifier
@@ -47,9 +47,13 @@ def checkpoint_logits(
     return predict_logits(net.to(dev), images, normalize, dev, batch_size=batch)
 
 
-def calibrate_run(run_dir: Path, ckpt: Checkpoint, data: DataBundle, device: str = "auto") -> dict:
-    """RUN/calibration.json's record for `ckpt`: read when current, else fitted on val."""
-    record = current_calibration(run_dir, ckpt.epoch, ckpt.fingerprint)
+def calibrate_run(
+    run_dir: Path, ckpt: Checkpoint, data: DataBundle, device: str = "auto", tta: int = 0
+) -> dict:
+    """RUN/calibration.json's record for `ckpt`: read when current, else fitted on val.
+    With `tta` (a level of toolkit.tta) it calibrates the logits averaged over those views,
+    the ones a `toolkit export --tta` graph serves, in a record of its own."""
+    record = current_calibration(run_dir, ckpt.epoch, ckpt.fingerprint, tta)
     if record is not None:
         return record
     if len(data.val) == 0:
@@ -62,7 +66,8 @@ def calibrate_run(run_dir: Path, ckpt: Checkpoint, data: DataBundle, device: str
             "selective": {"target_accuracy": SELECTIVE_TARGET, "threshold": None},
         }
     else:
-        record = fit_calibration(checkpoint_logits(ckpt, data.val.images, device), data.val.labels)
+        val_logits = checkpoint_logits(ckpt, data.val.images, device, tta=tta)
+        record = {**fit_calibration(val_logits, data.val.labels), "tta": tta}
         log.info(
             "calibrated %s on %d val images: %s, T = %.3f, not sure below %s",
             run_dir,
@@ -72,7 +77,7 @@ def calibrate_run(run_dir: Path, ckpt: Checkpoint, data: DataBundle, device: str
             record["selective"]["threshold"],
         )
     record = {**record, "checkpoint_epoch": ckpt.epoch, "fingerprint": ckpt.fingerprint}
-    atomic_write_json(Path(run_dir) / CALIBRATION_RECORD, record)
+    atomic_write_json(Path(run_dir) / calibration_record(tta), record)
     return record
 
 

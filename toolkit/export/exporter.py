@@ -105,7 +105,8 @@ def export_run(
     if triton_dir is not None:
         check_writable(Path(triton_dir), "Triton folder", "--triton")
     data = load_run_data(run_dir, ckpt)
-    calibration = calibrate_run(run_dir, ckpt, data, device="cpu")  # fitted on val
+    # Fitted on val, on the logits the graph serves: averaged over the TTA views with --tta.
+    calibration = calibrate_run(run_dir, ckpt, data, device="cpu", tta=tta_level)
 
     classifier = ckpt.build_classifier()
     if tta_level:

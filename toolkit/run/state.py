@@ -72,10 +72,16 @@ def current_export(run_dir: Path, epoch: int, fingerprint: str) -> dict | None:
     return report if current else None
 
 
-def current_calibration(run_dir: Path, epoch: int, fingerprint: str) -> dict | None:
-    """RUN/calibration.json when it was fitted for the checkpoint of `epoch` trained on the
-    data `fingerprint`; None when absent, unreadable or stale."""
-    record = _read_record(Path(run_dir) / CALIBRATION_RECORD)
+def calibration_record(tta: int = 0) -> str:
+    """The calibration of the plain logits (RUN/calibration.json), or of those averaged
+    over test-time augmentation level `tta` (what `toolkit export --tta` serves)."""
+    return CALIBRATION_RECORD if not tta else f"calibration-tta{tta}.json"
+
+
+def current_calibration(run_dir: Path, epoch: int, fingerprint: str, tta: int = 0) -> dict | None:
+    """RUN/calibration.json (calibration_record) when it was fitted for the checkpoint of
+    `epoch` trained on the data `fingerprint`; None when absent, unreadable or stale."""
+    record = _read_record(Path(run_dir) / calibration_record(tta))
     if record is None:
         return None
     current = record.get("checkpoint_epoch") == epoch and record.get("fingerprint") == fingerprint
