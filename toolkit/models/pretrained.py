@@ -32,7 +32,7 @@ from torch import nn
 
 from toolkit.errors import ToolkitError, error_summary
 from toolkit.models.registry import TIMM_PREFIX
-from toolkit.models.timm_backbones import create_timm, split_name
+from toolkit.models.timm_backbones import build_timm, split_name
 
 # What timm looks for in a hub repository, in its order (timm.models._hub).
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -257,23 +257,27 @@ def unreachable(url: str) -> str | None:
 # --- into the network ------------------------------------------------------------------------
 
 
-def load_pretrained(net: nn.Module, model: str, fetched: Fetched, build: dict) -> dict:
-    """Load the `fetched` weights into `net` (a timm model built with `build`: num_classes,
-    in_chans, drop_rate and its size); what config.json records about it."""
+def load_pretrained(
+    net: nn.Module, model: str, fetched: Fetched, model_info: dict, dropout: float = 0.0
+) -> dict:
+    """Load the `fetched` weights into `net` (the timm model a checkpoint's `model_info`
+    describes: num_classes, input_size, in_channels); what config.json records about it."""
     weights, path = fetched.weights, fetched.path
     state = dict(fetched.state)  # timm's adaptation pops the head from the dict it is given
     arch, _ = split_name(model)
     shapes = {k: v.shape for k, v in state.items()}
-    size = tuple(build.pop("size"))
+    num_classes = model_info["num_classes"]
     try:
         # timm's own adaptation: the head dropped for other classes, the first conv for other
         # channels, position embeddings resampled (each architecture's checkpoint filter).
-        adapted = create_timm(
+        adapted = build_timm(
             arch,
-            size,
+            num_classes,
+            model_info["input_size"],
+            model_info["in_channels"],
+            dropout,
             pretrained=True,
             pretrained_cfg_overlay={**weights.config, "state_dict": state},
-            **build,
         )
         net.load_state_dict(adapted.state_dict())
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -282,11 +286,7 @@ def load_pretrained(net: nn.Module, model: str, fetched: Fetched, build: dict) -
             "of this architecture"
         ) from exc
     own = net.state_dict()
-    head = (
-        _head_names(weights.config)
-        if build["num_classes"] != weights.config.get("num_classes")
-        else ()
-    )
+    head = _head_names(weights.config) if num_classes != weights.config.get("num_classes") else ()
     fresh = sorted(k for k in own if k not in shapes or k.startswith(head))
     resampled = sorted(
         k for k in own if k in shapes and k not in fresh and shapes[k] != own[k].shape

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from toolkit.data.specs import parse_size
+
 TIMM_PREFIX = "timm/"  # `timm/resnet18`, `timm/resnet18.a1_in1k`: any timm architecture
 
 
@@ -76,18 +78,13 @@ def count_macs(model: nn.Module, size: tuple[int, int], in_channels: int = 3) ->
     return counter.get_total_flops() // 2
 
 
-def pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """An input size as (height, width): N means N x N."""
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 def after_pools(
     input_size: int | tuple[int, int], pools: int, shrink_per_conv: int = 0, name: str = ""
 ) -> int:
     """Positions (height x width) left after `pools` (conv, maxpool2) stages; each conv
     shrinks a side by `shrink_per_conv`."""
     sides = []
-    for side in pair(input_size):
+    for side in parse_size(input_size):
         for _ in range(pools):
             side = (side - shrink_per_conv) // 2
             if side < 1:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolkit.models.registry import after_pools, pair, register
+from toolkit.data.specs import parse_size
+from toolkit.models.registry import after_pools, register
 
 # --- the seed architectures ------------------------------------------------------------------
 
@@ -21,7 +22,7 @@ from toolkit.models.registry import after_pools, pair, register
 )
 def build_mlp(num_classes, input_size, in_channels, dropout=0.0, batch_norm=False):
     layers: list[nn.Module] = [nn.Flatten()]
-    height, width = pair(input_size)
+    height, width = parse_size(input_size)
     sizes = [in_channels * height * width, 1024, 512, 128]
     for fan_in, fan_out in zip(sizes, sizes[1:], strict=False):
         layers.append(nn.Linear(fan_in, fan_out))

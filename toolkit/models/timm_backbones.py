@@ -16,8 +16,9 @@ import timm
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
+from toolkit.data.specs import parse_size
 from toolkit.errors import ToolkitError
-from toolkit.models.registry import TIMM_PREFIX, ModelEntry, pair
+from toolkit.models.registry import TIMM_PREFIX, ModelEntry
 
 # CPU-friendly backbones across families, for `toolkit models` and benchmarks/backbones.py:
 # small enough to fine-tune on a laptop CPU at 64-160 px.
@@ -81,9 +82,12 @@ def build_timm(
     input_size: int | tuple[int, int],
     in_channels: int,
     dropout: float = 0.0,
+    **timm_options,
 ) -> nn.Module:
+    """The registry's builder; `timm_options` go to timm.create_model as they are (the
+    pretrained weights, toolkit.models.pretrained)."""
     options = {"num_classes": num_classes, "in_chans": in_channels, "drop_rate": dropout}
-    return create_timm(arch, pair(input_size), **options)
+    return create_timm(arch, parse_size(input_size), **options, **timm_options)
 
 
 def create_timm(arch: str, size: tuple[int, int], **options) -> nn.Module:

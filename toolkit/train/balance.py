@@ -11,6 +11,16 @@ from __future__ import annotations
 import torch
 
 
+def balance_weights(balance: str, labels: torch.Tensor, num_classes: int, device) -> dict:
+    """What --balance adds to each step (engine.StepOptions): the loss's `class_weights`, the
+    order's `sample_weights`, or nothing."""
+    if balance == "weights":
+        return {"class_weights": class_weights(labels, num_classes).to(device)}
+    if balance == "sampler":
+        return {"sample_weights": sample_weights(labels, num_classes)}
+    return {}
+
+
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """n / (classes x count) per class, so a balanced split weighs every class 1; a class
     with no training image gets 0 (it has no loss term anyway) and is not counted."""

@@ -174,7 +174,7 @@ class TrainConfig:
             others["pretrained"] = weights.where  # the tag, or the file's absolute path
             others["normalization"] = weights.preprocessing()
             if data.image_size is None:
-                size = tuple(weights.preprocessing()["input_size"])
+                size = tuple(others["normalization"]["input_size"])
                 data = dataclasses.replace(data, image_size=size_option(size))
         recipe = recipe or ("finetune" if others.get("pretrained") else "default")
         return cls(

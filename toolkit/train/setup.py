@@ -8,7 +8,7 @@ left waiting for the others when one of them fails.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -20,9 +20,9 @@ from toolkit.data import DataBundle
 from toolkit.data.specs import size_label
 from toolkit.errors import ToolkitError, error_summary
 from toolkit.models import count_parameters, create_model
-from toolkit.models.registry import pair
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.folder import check_free_space, check_writable, new_run_dir
+from toolkit.train.balance import balance_weights
 from toolkit.train.batches import Normalizer
 from toolkit.train.config import TrainConfig
 from toolkit.train.distributed import Context
@@ -57,6 +57,7 @@ class Setup:
     lookahead: Lookahead  # --lookahead (a no-op at 0)
     initialised_from: dict | None = None  # what --init-from loaded (warm_start)
     prepare_seconds: float = 0.0  # the model's data-dependent init (timed as training)
+    balance: dict = field(default_factory=dict)  # --balance's StepOptions, for every epoch
 
 
 def check_data(
@@ -193,20 +194,17 @@ def build(
         lookahead=lookahead,
         initialised_from=warm,
         prepare_seconds=prepare_seconds,
+        balance=balance_weights(
+            config.balance, data.train.labels.cpu(), model_info["num_classes"], device
+        ),
     )
 
 
 def _load_pretrained(net: nn.Module, config: TrainConfig, model_info: dict, fetched) -> dict:
     from toolkit.models.pretrained import load_pretrained  # timm: only --pretrained needs it
 
-    size = model_info["input_size"]
-    build = {
-        "num_classes": model_info["num_classes"],
-        "in_chans": model_info["in_channels"],
-        "drop_rate": config.model_options.get("dropout", 0.0),
-        "size": pair(size),
-    }
-    return load_pretrained(net, config.model, fetched, build)
+    dropout = config.model_options.get("dropout", 0.0)
+    return load_pretrained(net, config.model, fetched, model_info, dropout)
 
 
 def _load_training_state(ckpt: Checkpoint, net, optimizer, scheduler, scaler) -> None:

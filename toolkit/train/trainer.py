@@ -28,7 +28,6 @@ from toolkit.run.folder import RunLog, open_tensorboard, write_metrics
 from toolkit.run.resume import load_resume_state, repair_run_folder
 from toolkit.run.state import best_row
 from toolkit.train import distributed
-from toolkit.train.balance import class_weights, sample_weights
 from toolkit.train.batches import Normalizer, alternating_flips, on_device
 from toolkit.train.caveats import log_data_caveats
 from toolkit.train.config import TrainConfig
@@ -226,7 +225,6 @@ def _train_epoch(config, setup: Setup, train, normalize, epoch, dist, device, ru
     # generator is the same on every rank (they shard one global order); dropout gets a
     # stream per rank, rank 0 keeping the single-process one.
     epoch_seed = config.seed * 100_003 + epoch
-    labels, classes = train.labels.cpu(), setup.model_info["num_classes"]
     generator = torch.Generator().manual_seed(epoch_seed)
     torch.manual_seed(epoch_seed + dist.rank * 2**32)
     if hasattr(setup.net, "start_epoch"):  # e.g. speedrun freezes its whitening bias
@@ -239,10 +237,7 @@ def _train_epoch(config, setup: Setup, train, normalize, epoch, dist, device, ru
         flips=alternating_flips(len(train), config.seed, epoch) if config.alt_flip else None,
         resized_crop=config.resized_crop,
         label_smoothing=config.label_smoothing,
-        class_weights=class_weights(labels, classes).to(device)
-        if config.balance == "weights"
-        else None,
-        sample_weights=sample_weights(labels, classes) if config.balance == "sampler" else None,
+        **setup.balance,
         grad_clip=config.grad_clip,
         precision=setup.precision,
         skip_nonfinite=config.on_nan == "skip",
