@@ -160,3 +160,21 @@ def test_the_head_trains_alone_first_and_the_backbone_slower():
     assert body_factor(5) == 0 and head_factor(5) > 0  # epoch 1: the head alone
     assert body_factor(15) == head_factor(15) > 0
     assert _recipe("timm/test_resnet", recipe="finetune", epochs=1).freeze_epochs == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--resized-crop", "1.5"], "--resized-crop must be in [0, 1] (0: off), got 1.5"),
+        (["--freeze-epochs", "3"], "--freeze-epochs must be at least 0 and less than --epochs (3)"),
+        (["--backbone-lr-scale", "0"], "--backbone-lr-scale must be positive, got 0.0"),
+        (["--balance", "classes"], "unknown --balance 'classes'; choose one of: none, weights"),
+        (["--image-size", "160x"], "--image-size must be N or WIDTHxHEIGHT"),
+    ],
+)
+def test_bad_fine_tuning_options_are_one_line_and_exit_2(flags, message, tmp_path):
+    result = CliRunner().invoke(
+        app, ["train", "net", "--epochs", "3", "--data-root", str(tmp_path), *flags]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
