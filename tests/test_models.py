@@ -39,6 +39,16 @@ def test_parameter_counts_match_the_reference(name, options, expected):
     assert count_parameters(create_model(name, **options)) == expected
 
 
+@pytest.mark.parametrize("name", ["speedrun", "resnet9"])
+def test_globally_pooled_models_have_one_size_whatever_the_input(name):
+    # Their width is the network's, never the image's (a shadowed `width` once built
+    # speedrun at width 32 for 32-px images: 0.5 M parameters instead of airbench's 1.97 M).
+    counts = {count_parameters(create_model(name, input_size=s)) for s in (32, 96, (32, 48))}
+    assert len(counts) == 1
+    if name == "speedrun":
+        assert counts == {1_972_504}
+
+
 def test_reference_variants_have_the_layers_the_tables_name():
     dropout_net = create_model("net", width=32, dropout=0.3)
     assert sum(isinstance(m, torch.nn.Dropout2d) for m in dropout_net.modules()) == 2

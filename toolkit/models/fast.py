@@ -88,6 +88,6 @@ def build_resnet9(num_classes, input_size, in_channels, width=64, dropout=0.0):
 )
 def build_speedrun(num_classes, input_size, in_channels, width=64):
     # The whitening conv (2x2, no padding) takes a pixel off, then three 2x pools.
-    height, width = parse_size(input_size)
-    after_pools((height - 1, width - 1), 3, name="speedrun")
+    height, image_width = parse_size(input_size)
+    after_pools((height - 1, image_width - 1), 3, name="speedrun")
     return SpeedrunNet(num_classes=num_classes, in_channels=in_channels, width=width)
