@@ -51,6 +51,9 @@ def test_what_the_flags_set_and_the_seed_recipe_are_kept():
     assert fit_to_data(_recipe("net", recipe="seed"), 405).fitted_to_data is None
     big = fit_to_data(_recipe("speedrun"), 45_000)  # CIFAR-10: the recipe as it was made
     assert (big.batch_size, big.epochs, big.fitted_to_data) == (1024, 10, None)
+    # Muon's 8 epochs of batch 2000 are 184 steps on 45,000: under MIN_STEPS, kept all the same.
+    muon = fit_to_data(_recipe("speedrun", recipe="muon"), 45_000)
+    assert (muon.batch_size, muon.epochs, muon.fitted_to_data) == (2000, 8, None)
 
 
 # --- a run that learned nothing --------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_frozen_bn_scales_do_not_move():
 
 def test_the_other_recipes_leave_the_new_techniques_off():
     for model in ("mlp", "net", "resnet10", "lenet5", "resnet9"):
-        for recipe in recipes.RECIPES:
+        for recipe in recipes.FALLBACK:
             v = recipes.resolve(recipe, model, {})
             assert not v["decoupled"] and not v["alt_flip"] and not v["freeze_bn_scale"]
             assert (v["bias_lr_scale"], v["lookahead"], v["translate"], v["tta"]) == (1, 0, 0, 0)

@@ -94,6 +94,8 @@ def test_every_recipe_sets_exactly_the_fields_declared_as_recipe_options():
     expected = {o.name for o in declared(TrainConfig) if o.flag.recipe}
     for recipe in recipes.RECIPES:
         for model in MODELS:
+            if recipe in recipes.SPEEDRUN_RECIPES and model != "speedrun":
+                continue  # one model's recipes (a clear error elsewhere: test_muon)
             assert set(recipes.resolve(recipe, model, {})) == expected, (recipe, model)
 
 

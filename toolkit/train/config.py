@@ -39,7 +39,10 @@ class TrainConfig:
     # Set by the recipe (toolkit.train.recipes); the flag overrides the recipe's value.
     epochs: int = recipe_option("Epochs to train.")
     batch_size: int = recipe_option("Global batch size (split across torchrun processes).")
-    optimizer: str = recipe_option("sgd, adam or adamw.")
+    optimizer: str = recipe_option(
+        "sgd, adam, adamw or muon (Muon for the conv filters, SGD as --lr, --momentum, --l2 "
+        "for the rest)."
+    )
     lr: float = recipe_option("(Peak) learning rate.")
     momentum: float = recipe_option("SGD momentum.")
     nesterov: bool = recipe_option("Nesterov momentum (SGD).")
@@ -74,6 +77,11 @@ class TrainConfig:
         "Test-time augmentation the model is evaluated with: 0 none, 1 flip, 2 flip and "
         "1-px translations (toolkit evaluate reports with and without; export --tta)."
     )
+    muon_lr: float = recipe_option(
+        "Muon's lr (--optimizer muon): each step moves a filter bank by about this share of "
+        "its norm."
+    )
+    muon_momentum: float = recipe_option("Muon's Nesterov momentum (--optimizer muon).")
     # The fine-tuning techniques (recipe finetune); off in every other recipe.
     resized_crop: float = recipe_option(
         "Random resized crop: each image a random crop of at least this share of its area "
@@ -87,8 +95,9 @@ class TrainConfig:
     # what it learns: config.json's "engine" block records what they resolved to.
     recipe: str | None = option(
         None,
-        "default (modern, fast), seed (the reference) or finetune (AdamW, warm-up, a slower "
-        "backbone, resized crops: the default with --pretrained).",
+        "default (modern, fast), seed (the reference), finetune (AdamW, warm-up, a slower "
+        "backbone, resized crops: the default with --pretrained); speedrun only: airbench94 "
+        "(its SGD recipe) or muon (Muon for the filters, 0.82x the samples).",
     )
     model_options: dict = field(default_factory=dict)  # ModelOptions the model takes
     seed: int = option(0, "Seed of the weights, the val carve, the order and augmentation.")

@@ -10,6 +10,7 @@ from torch import nn
 
 from toolkit.models.registry import head_prefix
 from toolkit.train.config import TrainConfig
+from toolkit.train.muon import Muon
 
 # Decoupled SGD's lr and decay are per this many examples (airbench's convention).
 DECOUPLED_EXAMPLES = 1024
@@ -26,9 +27,10 @@ def freeze_bn_scales(net: nn.Module) -> None:
 
 
 def _param_groups(config: TrainConfig, net: nn.Module, lr: float, decay: float) -> list[dict]:
-    """One group, two when the BatchNorm biases take a scaled lr (--bias-lr-scale), and the
+    """One group, two when the BatchNorm biases take a scaled lr (--bias-lr-scale), the
     classifier head in a group of its own when the rest moves slower or waits
-    (--backbone-lr-scale, --freeze-epochs): --lr is then the head's.
+    (--backbone-lr-scale, --freeze-epochs): --lr is then the head's, and with --optimizer
+    muon the conv filters in a Muon group (toolkit.train.muon).
 
     Decoupled decay is applied as torch's coupled `weight_decay` divided by the group's lr,
     so the decay per step (lr x weight_decay) is the same in both groups. Each group says
@@ -36,6 +38,9 @@ def _param_groups(config: TrainConfig, net: nn.Module, lr: float, decay: float) 
     """
     head: list = []
     head_lr, params = lr, list(net.parameters())
+    filters = [p for p in params if p.ndim > 2] if config.optimizer == "muon" else []
+    if filters:
+        params = [p for p in params if p.ndim <= 2]
     if config.backbone_lr_scale != 1.0 or config.freeze_epochs:
         prefix = head_prefix(net)
         head = [p for name, p in net.named_parameters() if name.startswith(prefix)]
@@ -44,30 +49,46 @@ def _param_groups(config: TrainConfig, net: nn.Module, lr: float, decay: float) 
         lr = lr * config.backbone_lr_scale
     groups = [{"params": params, "lr": lr, "weight_decay": decay}]
     if config.bias_lr_scale != 1.0:
-        norm = {
-            id(p)
-            for m in net.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for p in m.parameters(recurse=False)
-        }
+        if filters:  # airbench94_muon: every vector (BatchNorm shifts, biases) at the bias lr
+            scaled = {id(p) for p in params if p.ndim == 1}
+        else:
+            scaled = {
+                id(p)
+                for m in net.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for p in m.parameters(recurse=False)
+            }
         scale = config.bias_lr_scale
         groups = [
-            {**groups[0], "params": [p for p in params if id(p) not in norm]},
+            {**groups[0], "params": [p for p in params if id(p) not in scaled]},
             {
-                "params": [p for p in params if id(p) in norm],
+                "params": [p for p in params if id(p) in scaled],
                 "lr": lr * scale,
                 "weight_decay": decay / scale if config.decoupled else decay,
             },
         ]
     if head:
         groups.append({"params": head, "lr": head_lr, "weight_decay": decay, "head": True})
+    if filters:  # no decay: Muon keeps each filter bank at a fixed norm instead
+        muon_lr = config.muon_lr * (config.backbone_lr_scale if head else 1.0)
+        groups.append(
+            {
+                "params": filters,
+                "lr": muon_lr,
+                "momentum": config.muon_momentum,
+                "weight_decay": 0.0,
+                "muon": True,
+            }
+        )
     return groups
 
 
 def make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     """The optimizer a resolved config names, over all of `net`'s parameters (frozen ones
-    included: they get no gradient, so no step, and may be unfrozen later)."""
-    if config.optimizer == "sgd":
+    included: they get no gradient, so no step, and may be unfrozen later). `muon` is SGD
+    (--lr, --momentum, --l2, --decoupled) for all but the conv filters, which Muon trains
+    (--muon-lr, --muon-momentum)."""
+    if config.optimizer in ("sgd", "muon"):
         lr, decay = config.lr, config.l2
         if config.decoupled:
             # With Nesterov momentum m a constant gradient moves the weights by about
@@ -76,7 +97,8 @@ def make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer
             gain = 1 + 1 / (1 - config.momentum) if config.momentum < 1 else 1.0
             lr = config.lr * config.batch_size / (DECOUPLED_EXAMPLES * gain)
             decay = config.l2 / config.lr  # per-step decay lr x this = l2 x batch / (1024 gain)
-        return torch.optim.SGD(
+        kind = Muon if config.optimizer == "muon" else torch.optim.SGD
+        return kind(
             _param_groups(config, net, lr, decay),
             lr=lr,
             momentum=config.momentum,
