@@ -9,6 +9,12 @@ where mirror(v) = (f(v) + f(flip(v))) / 2. Flips and reflect padding commute wit
 per-channel normalisation, so the wrapper gives the same logits around the normalised net
 (evaluation) or the [0, 1] classifier (the ONNX export, toolkit export --tta): the served
 model is the evaluated one. All views go through the net as one batch.
+
+Selective TTA (--tta-below P, after hiverge's cifar10-speedrun): the plain pass first, and
+the other views only for the images whose top-1 probability is below P, the ones it is
+least sure of; the others keep their plain logits. Evaluated in torch, only those images
+go through the views; exported, the graph holds an `If`: a batch with no unsure image (one
+confident upload) costs one pass, any other runs the views and keeps them for the unsure.
 """
 
 from __future__ import annotations
@@ -49,22 +55,52 @@ def _shift(x: torch.Tensor, by: int) -> torch.Tensor:
 
 
 class TTAClassifier(nn.Module):
-    """`classifier` with its logits averaged over the views of `tta_views(level)`."""
+    """`classifier` with its logits averaged over the views of `tta_views(level)`; with
+    `below` < 1, only for the images whose plain top-1 probability is below it."""
 
-    def __init__(self, classifier: nn.Module, level: int = 2):
+    def __init__(self, classifier: nn.Module, level: int = 2, below: float = 1.0):
         super().__init__()
         if level not in TTA_LEVELS:
             raise ValueError(f"TTA level must be one of {TTA_LEVELS}, got {level}")
         self.classifier = classifier
         self.level = level
+        self.below = float(below)
+        weights = tta_views(torch.zeros(1, 1, 2, 2), level)[1]
+        self.register_buffer("weights", torch.tensor(weights).view(-1, 1, 1), persistent=False)
 
     @property
     def views(self) -> int:
         return {0: 1, 1: 2, 2: 6}[self.level]
 
+    @property
+    def selective(self) -> bool:
+        return self.level > 0 and self.below < 1.0
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        batch, weights = tta_views(image, self.level)
-        logits = self.classifier(batch)
-        per_view = logits.reshape(len(weights), -1, logits.shape[-1])
-        weight = torch.tensor(weights, dtype=logits.dtype, device=logits.device)
-        return (per_view * weight[:, None, None]).sum(0)
+        if not self.selective:
+            batch, _ = tta_views(image, self.level)
+            return self._average(self.classifier(batch))
+        plain = self.classifier(image)
+        unsure = plain.softmax(1).amax(1) < self.below
+        if torch.compiler.is_compiling():  # torch.export: an If on "any image unsure"
+            return torch.cond(unsure.any(), self._views_where, self._plain, (image, plain, unsure))
+        logits = plain.clone()
+        if unsure.any():  # eager: the views of the unsure images only
+            logits[unsure] = self._with_views(image[unsure], plain[unsure])
+        return logits
+
+    def _average(self, logits: torch.Tensor) -> torch.Tensor:
+        per_view = logits.reshape(len(self.weights), -1, logits.shape[-1])
+        return (per_view * self.weights.to(logits.dtype)).sum(0)
+
+    def _with_views(self, image: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+        """The views' average, reusing the plain pass for view 0."""
+        others = tta_views(image, self.level)[0][len(image) :]
+        return self._average(torch.cat([plain, self.classifier(others)]))
+
+    def _views_where(self, image, plain, unsure):
+        return torch.where(unsure[:, None], self._with_views(image, plain), plain)
+
+    @staticmethod
+    def _plain(image, plain, unsure):
+        return plain.clone()  # torch.cond's branches may not return their inputs

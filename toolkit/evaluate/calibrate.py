@@ -34,13 +34,18 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_logits(
-    ckpt: Checkpoint, images: torch.Tensor, device: str = "auto", tta: int = 0
+    ckpt: Checkpoint,
+    images: torch.Tensor,
+    device: str = "auto",
+    tta: int = 0,
+    below: float = 1.0,
 ) -> torch.Tensor:
     """Logits of the checkpoint's model for uint8 images (normalised as it was trained),
-    averaged over the test-time augmentation views of level `tta` (toolkit.tta)."""
+    averaged over the test-time augmentation views of level `tta` (toolkit.tta), for the
+    images whose plain top-1 probability is below `below` (selective TTA)."""
     dev = pick_device(device)
     normalize = Normalizer(ckpt.dataset["mean"], ckpt.dataset["std"], dev)
-    net = TTAClassifier(ckpt.build_net(), tta) if tta else ckpt.build_net()
+    net = TTAClassifier(ckpt.build_net(), tta, below) if tta else ckpt.build_net()
     views = net.views if tta else 1
     # Every view goes through in one batch: keep the images per call as without TTA.
     batch = max(1, EVAL_BATCH_SIZE // views)
@@ -48,12 +53,17 @@ def checkpoint_logits(
 
 
 def calibrate_run(
-    run_dir: Path, ckpt: Checkpoint, data: DataBundle, device: str = "auto", tta: int = 0
+    run_dir: Path,
+    ckpt: Checkpoint,
+    data: DataBundle,
+    device: str = "auto",
+    tta: int = 0,
+    below: float = 1.0,
 ) -> dict:
     """RUN/calibration.json's record for `ckpt`: read when current, else fitted on val.
-    With `tta` (a level of toolkit.tta) it calibrates the logits averaged over those views,
-    the ones a `toolkit export --tta` graph serves, in a record of its own."""
-    record = current_calibration(run_dir, ckpt.epoch, ckpt.fingerprint, tta)
+    With `tta` (a level of toolkit.tta, selective below `below`) it calibrates the logits
+    a `toolkit export --tta` graph serves, in a record of its own."""
+    record = current_calibration(run_dir, ckpt.epoch, ckpt.fingerprint, tta, below)
     if record is not None:
         return record
     if len(data.val) == 0:
@@ -66,8 +76,10 @@ def calibrate_run(
             "selective": {"target_accuracy": SELECTIVE_TARGET, "threshold": None},
         }
     else:
-        val_logits = checkpoint_logits(ckpt, data.val.images, device, tta=tta)
+        val_logits = checkpoint_logits(ckpt, data.val.images, device, tta=tta, below=below)
         record = {**fit_calibration(val_logits, data.val.labels), "tta": tta}
+        if tta and below < 1.0:
+            record["tta_below"] = below
         log.info(
             "calibrated %s on %d val images: %s, T = %.3f, not sure below %s",
             run_dir,
@@ -77,7 +89,7 @@ def calibrate_run(
             record["selective"]["threshold"],
         )
     record = {**record, "checkpoint_epoch": ckpt.epoch, "fingerprint": ckpt.fingerprint}
-    atomic_write_json(Path(run_dir) / calibration_record(tta), record)
+    atomic_write_json(Path(run_dir) / calibration_record(tta, below), record)
     return record
 
 

@@ -46,7 +46,7 @@ from toolkit.export.onnx_graph import (
     count_macs,
     export_classifier,
 )
-from toolkit.export.opset import check_opset
+from toolkit.export.opset import check_opset, selective_opset
 from toolkit.export.parity import (
     check_parity,
     compare,
@@ -82,13 +82,13 @@ def export_run(
     """Export RUN/best.pt to ONNX, verify it on the run's test split, measure it; the report.
 
     `timing` (how long latencies are measured) defaults to bench.DEFAULT_TIMING. `tta` puts
-    the run's test-time augmentation (its --tta level) inside the graph: the logits are the
-    average over the views, as `toolkit evaluate` reports them.
+    the run's test-time augmentation (its --tta level, selective with --tta-below) inside the
+    graph: the logits are the average over the views, as `toolkit evaluate` reports them.
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / EXPORT_DIR
     # Every check a user can fail comes before the slow work.
-    opset = check_opset(opset)
+    requested_opset, opset = opset, check_opset(opset)
     if fp16 and not cuda_provider_usable():
         raise ToolkitError(
             "--fp16 needs onnxruntime's CUDA provider on a visible GPU, and none "
@@ -101,21 +101,26 @@ def export_run(
             f"'{run_dir}' was trained with --tta 0: its evaluation has no TTA accuracy to "
             "serve; export without --tta"
         )
+    below = float(ckpt.config.get("tta_below", 1.0)) if tta_level else 1.0
+    if below < 1.0:
+        opset = selective_opset(requested_opset, opset)
     check_writable(out_dir, "export folder", "--out")
     if triton_dir is not None:
         check_writable(Path(triton_dir), "Triton folder", "--triton")
     data = load_run_data(run_dir, ckpt)
     # Fitted on val, on the logits the graph serves: averaged over the TTA views with --tta.
-    calibration = calibrate_run(run_dir, ckpt, data, device="cpu", tta=tta_level)
+    calibration = calibrate_run(run_dir, ckpt, data, device="cpu", tta=tta_level, below=below)
 
     classifier = ckpt.build_classifier()
     if tta_level:
-        classifier = TTAClassifier(classifier, tta_level)
+        classifier = TTAClassifier(classifier, tta_level, below)
     head = ExportHead(classifier, Calibrator.from_record(calibration)).eval()
-    test_accuracy = _test_accuracy(run_dir, ckpt, tta_level)
+    test_accuracy = _test_accuracy(run_dir, ckpt, tta_level, below)
     meta = build_metadata(ckpt, count_parameters(head), test_accuracy, calibration)
     if tta_level:  # the logits are the average over these views (toolkit.tta)
         meta["tta"] = tta_level
+    if below < 1.0:  # ... for the images whose plain top-1 probability is below this
+        meta["tta_below"] = below
     shape = (int(ckpt.model["in_channels"]), *meta["input_size"])
     model = export_classifier(head, shape, meta, opset)
     model_bytes = model.SerializeToString()
@@ -193,7 +198,9 @@ def export_run(
     return report
 
 
-def _test_accuracy(run_dir: Path, ckpt: Checkpoint, tta: int = 0) -> float | None:
+def _test_accuracy(
+    run_dir: Path, ckpt: Checkpoint, tta: int = 0, below: float = 1.0
+) -> float | None:
     """The test accuracy `toolkit evaluate` measured on this very best.pt, if it did (with
     the TTA the graph has, when it has some)."""
     record = current_evaluation(run_dir, ckpt.epoch, ckpt.fingerprint)
@@ -206,7 +213,10 @@ def _test_accuracy(run_dir: Path, ckpt: Checkpoint, tta: int = 0) -> float | Non
         return None
     if not tta:
         return float(record["accuracy"])
-    accuracy = (record.get("tta") or {}).get("accuracy")
+    evaluated = record.get("tta") or {}
+    accuracy = evaluated.get("accuracy")
+    if evaluated.get("below", 1.0) != below:  # another TTA than the graph's
+        accuracy = None
     if accuracy is None:
         log.warning(
             "the evaluation of %s has no TTA accuracy; run `toolkit evaluate` again", run_dir

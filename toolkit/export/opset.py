@@ -18,6 +18,9 @@ DEFAULT_OPSET = 17
 # an activation, as in lenet5 --batch-norm, stays in the graph) nor for Sub-14 (every model).
 EXPORT_OPSET = 18
 MIN_OPSET = 15
+# Selective TTA's graph holds an If whose branches onnx's version converter cannot take below
+# the exporter's own opset (their reductions' axes are outer-scope constants).
+SELECTIVE_TTA_OPSET = EXPORT_OPSET
 
 
 def max_opset() -> int:
@@ -41,6 +44,19 @@ def check_opset(opset: int | None) -> int:
             f"(default {DEFAULT_OPSET})"
         )
     return opset
+
+
+def selective_opset(requested: int | None, default: int) -> int:
+    """The opset of a selective-TTA export: the exporter's own unless one was asked for,
+    which must then be at least that."""
+    if requested is None:
+        return max(default, SELECTIVE_TTA_OPSET)
+    if requested < SELECTIVE_TTA_OPSET:
+        raise ToolkitError(
+            f"selective TTA (--tta-below) exports an If that opset {requested} cannot hold "
+            f"here; pass --opset {SELECTIVE_TTA_OPSET} or more (or export without --tta)"
+        )
+    return requested
 
 
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:

@@ -72,16 +72,25 @@ def current_export(run_dir: Path, epoch: int, fingerprint: str) -> dict | None:
     return report if current else None
 
 
-def calibration_record(tta: int = 0) -> str:
+def calibration_record(tta: int = 0, below: float = 1.0) -> str:
     """The calibration of the plain logits (RUN/calibration.json), or of those averaged
-    over test-time augmentation level `tta` (what `toolkit export --tta` serves)."""
-    return CALIBRATION_RECORD if not tta else f"calibration-tta{tta}.json"
+    over test-time augmentation level `tta` (what `toolkit export --tta` serves), for the
+    images below a top-1 probability of `below` only (selective TTA)."""
+    if not tta:
+        return CALIBRATION_RECORD
+    return (
+        f"calibration-tta{tta}.json"
+        if below >= 1.0
+        else f"calibration-tta{tta}-below{below:g}.json"
+    )
 
 
-def current_calibration(run_dir: Path, epoch: int, fingerprint: str, tta: int = 0) -> dict | None:
+def current_calibration(
+    run_dir: Path, epoch: int, fingerprint: str, tta: int = 0, below: float = 1.0
+) -> dict | None:
     """RUN/calibration.json (calibration_record) when it was fitted for the checkpoint of
     `epoch` trained on the data `fingerprint`; None when absent, unreadable or stale."""
-    record = _read_record(Path(run_dir) / calibration_record(tta))
+    record = _read_record(Path(run_dir) / calibration_record(tta, below))
     if record is None:
         return None
     current = record.get("checkpoint_epoch") == epoch and record.get("fingerprint") == fingerprint

@@ -77,6 +77,10 @@ class TrainConfig:
         "Test-time augmentation the model is evaluated with: 0 none, 1 flip, 2 flip and "
         "1-px translations (toolkit evaluate reports with and without; export --tta)."
     )
+    tta_below: float = recipe_option(
+        "Selective TTA: the views only for images whose plain top-1 probability is below "
+        "this, the rest keep their plain logits (1: every image)."
+    )
     muon_lr: float = recipe_option(
         "Muon's lr (--optimizer muon): each step moves a filter bank by about this share of "
         "its norm."

@@ -189,6 +189,7 @@ COMMON = dict(
     translate=0,
     alt_flip=False,
     tta=0,
+    tta_below=1.0,
     resized_crop=0.0,
     freeze_epochs=0,
     backbone_lr_scale=1.0,
@@ -268,6 +269,8 @@ def _check(v: dict) -> None:
         raise ToolkitError(f"--backbone-lr-scale must be positive, got {v['backbone_lr_scale']}")
     if int(v["tta"]) not in TTA_LEVELS:
         raise ToolkitError(f"--tta must be one of {TTA_LEVELS}, got {v['tta']}")
+    if not 0.0 < float(v["tta_below"]) <= 1.0:
+        raise ToolkitError(f"--tta-below must be in (0, 1] (1: every image), got {v['tta_below']}")
     if not 0.0 <= float(v["warmup_epochs"]) < int(v["epochs"]):
         raise ToolkitError(
             f"--warmup-epochs must be at least 0 and less than --epochs ({v['epochs']}), "

@@ -1,0 +1,121 @@
+"""Selective TTA (issue #25): the views only for the images the plain pass is least sure of,
+in torch and inside the exported graph (an If), evaluated and served alike."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tests.training import tiny_config
+from toolkit.errors import ToolkitError
+from toolkit.evaluate import evaluate_run
+from toolkit.export import export_run
+from toolkit.export.bench import Timing
+from toolkit.export.onnx_graph import ExportHead, export_classifier
+from toolkit.export.opset import SELECTIVE_TTA_OPSET
+from toolkit.models import NormalizedClassifier, create_model
+from toolkit.train import fit
+from toolkit.tta import TTAClassifier
+
+META = {
+    "model": "speedrun",
+    "dataset": "cifar10",
+    "input_size": [32, 32],
+    "classes": list("0123456789"),
+}
+FAST = Timing(warmup=1, min_runs=2, max_runs=2, budget_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    net = create_model("speedrun", width=4)
+    net.prepare(torch.randn(32, 3, 32, 32))
+    return NormalizedClassifier(net.eval(), [0.5] * 3, [0.25] * 3).eval()
+
+
+def _images(n: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).random((n, 3, 32, 32), dtype=np.float32))
+
+
+def _split_threshold(classifier, x) -> tuple[float, torch.Tensor]:
+    """A threshold with some images on each side, and which ones are below it."""
+    with torch.no_grad():
+        confidence = classifier(x).softmax(1).amax(1)
+    below = confidence.median().item()
+    return below, confidence < below
+
+
+def test_unsure_images_get_the_views_the_sure_ones_keep_their_plain_logits(classifier):
+    x = _images()
+    below, unsure = _split_threshold(classifier, x)
+    assert 0 < unsure.sum() < len(x)
+    with torch.no_grad():
+        selective = TTAClassifier(classifier, 2, below)(x)
+        every = TTAClassifier(classifier, 2)(x)
+        plain = classifier(x)
+    assert torch.allclose(selective[unsure], every[unsure], atol=1e-6)
+    assert torch.equal(selective[~unsure], plain[~unsure])
+    assert not torch.allclose(selective[unsure], plain[unsure], atol=1e-4)
+    assert not TTAClassifier(classifier, 2, 1.0).selective  # 1: every image, the old graph
+
+
+def test_the_exported_if_serves_what_torch_evaluates(classifier):
+    x = _images()
+    below, unsure = _split_threshold(classifier, x)
+    head = ExportHead(TTAClassifier(classifier, 2, below)).eval()
+    model = export_classifier(head, (3, 32, 32), META, SELECTIVE_TTA_OPSET)
+    assert "If" in {node.op_type for node in model.graph.node}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = head(x)[0].numpy()
+        plain = classifier(x).numpy()
+    logits = session.run(None, {"image": x.numpy()})[0]
+    assert np.abs(logits - expected).max() < 1e-4
+    # One sure image alone takes the If's other branch: its plain logits.
+    sure = x[~unsure][:1].numpy()
+    alone = session.run(None, {"image": sure})[0]
+    assert np.abs(alone - plain[~unsure.numpy()][:1]).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def selective_run(tmp_path_factory, cifar_folder):
+    tmp_path = tmp_path_factory.mktemp("selective")
+    config = tiny_config(
+        cifar_folder,
+        tmp_path,
+        "speedrun",
+        epochs=1,
+        batch_size=64,
+        lr=None,
+        tta_below=0.5,
+        model_options={"width": 4},
+    )
+    assert config.tta == 2 and config.tta_below == 0.5
+    return fit(config, run_dir=tmp_path / "run").run_dir
+
+
+def test_a_selective_run_is_evaluated_with_its_threshold(selective_run):
+    tta = evaluate_run(selective_run, device="cpu")["tta"]
+    assert tta["below"] == 0.5 and 0.0 <= tta["with_views"] <= 1.0
+    with pytest.raises(ToolkitError, match="--opset 18"):  # before any slow work
+        export_run(selective_run, timing=FAST, tta=True, opset=17)
+
+
+@pytest.mark.slow
+def test_a_selective_run_exports_with_its_threshold(selective_run):
+    run = selective_run
+    tta = evaluate_run(run, device="cpu")["tta"]
+    report = export_run(run, timing=FAST, tta=True)
+    assert report["verification"]["passed"]
+    assert report["metadata"]["tta_below"] == 0.5
+    assert report["metadata"]["test_accuracy"] == pytest.approx(tta["accuracy"])
+    model = onnx.load(run / "export" / "model.onnx")
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
+    record = json.loads((run / "calibration-tta2-below0.5.json").read_text())
+    assert record["tta_below"] == 0.5
