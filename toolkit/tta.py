@@ -12,9 +12,9 @@ model is the evaluated one. All views go through the net as one batch.
 
 Selective TTA (--tta-below P, after hiverge's cifar10-speedrun): the plain pass first, and
 the other views only for the images whose top-1 probability is below P, the ones it is
-least sure of; the others keep their plain logits. Evaluated in torch, only those images
-go through the views; exported, the graph holds an `If`: a batch with no unsure image (one
-confident upload) costs one pass, any other runs the views and keeps them for the unsure.
+least sure of; the others keep their plain logits. Only those images go through the views,
+in torch and in the exported graph (an `If` on "any image unsure", then a gather of those):
+a confident upload costs one pass.
 """
 
 from __future__ import annotations
@@ -83,11 +83,8 @@ class TTAClassifier(nn.Module):
         plain = self.classifier(image)
         unsure = plain.softmax(1).amax(1) < self.below
         if torch.compiler.is_compiling():  # torch.export: an If on "any image unsure"
-            return torch.cond(unsure.any(), self._views_where, self._plain, (image, plain, unsure))
-        logits = plain.clone()
-        if unsure.any():  # eager: the views of the unsure images only
-            logits[unsure] = self._with_views(image[unsure], plain[unsure])
-        return logits
+            return torch.cond(unsure.any(), self._views_for, self._plain, (image, plain, unsure))
+        return self._views_for(image, plain, unsure) if unsure.any() else plain
 
     def _average(self, logits: torch.Tensor) -> torch.Tensor:
         per_view = logits.reshape(len(self.weights), -1, logits.shape[-1])
@@ -98,8 +95,12 @@ class TTAClassifier(nn.Module):
         others = tta_views(image, self.level)[0][len(image) :]
         return self._average(torch.cat([plain, self.classifier(others)]))
 
-    def _views_where(self, image, plain, unsure):
-        return torch.where(unsure[:, None], self._with_views(image, plain), plain)
+    def _views_for(self, image, plain, unsure):
+        """The plain logits, those of the unsure images replaced by their views' average."""
+        index = unsure.nonzero().squeeze(1)
+        torch._check(index.shape[0] > 0)  # this branch runs for at least one (export's guard)
+        views = self._with_views(image.index_select(0, index), plain.index_select(0, index))
+        return plain.index_copy(0, index, views)
 
     @staticmethod
     def _plain(image, plain, unsure):
