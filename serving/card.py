@@ -83,7 +83,8 @@ def audit_rows(metrics: dict, failures: list) -> list[tuple[str, str]]:
 
 def tta_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
     """A model with test-time augmentation in its graph says so: its accuracy is the average
-    over the views, and one prediction costs that many forward passes."""
+    over the views, and one prediction costs that many forward passes (selective: only for
+    the images it is unsure of)."""
     if not info.get("tta"):
         return []
     tta = _section(metrics, "tta")
@@ -91,6 +92,11 @@ def tta_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
     without = tta.get("accuracy_without")
     kinds = "mirror and 1-px shifts" if info["tta"] >= 2 else "mirror"
     text = f"{views} views ({kinds}) averaged inside the graph"
+    below, share = info.get("tta_below"), tta.get("with_views")
+    if below is not None:  # selective: the others take one pass
+        text += f", only for an image whose plain top-1 probability is below {below:g}"
+        if isinstance(share, (int, float)):
+            text += f" ({share:.0%} of the test images)"
     if isinstance(without, (int, float)):
         text += f"; {without:.2%} test accuracy without them"
     return [("test-time augmentation", text)]

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from serving.card import tta_rows
 from tests.training import tiny_config
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run
@@ -119,3 +120,12 @@ def test_a_selective_run_exports_with_its_threshold(selective_run):
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
     record = json.loads((run / "calibration-tta2-below0.5.json").read_text())
     assert record["tta_below"] == 0.5
+
+
+def test_the_model_card_says_which_images_get_the_views():
+    metrics = {"tta": {"views": 6, "with_views": 0.23, "accuracy_without": 0.9}}
+    text = dict(tta_rows({"tta": 2, "tta_below": 0.7}, metrics))["test-time augmentation"]
+    assert "6 views (mirror and 1-px shifts)" in text
+    assert "below 0.7 (23% of the test images)" in text
+    every = dict(tta_rows({"tta": 2}, metrics))["test-time augmentation"]
+    assert "below" not in every
