@@ -49,6 +49,30 @@ def test_globally_pooled_models_have_one_size_whatever_the_input(name):
         assert counts == {1_972_504}
 
 
+@pytest.mark.parametrize("options", [{}, {"batch_norm": True}, {"width": 32, "dropout": 0.3}])
+def test_pooling_before_tanh_is_the_reference_order_function(options):
+    """net pools before its tanh (4x less tanh work): the reference's conv-tanh-pool gives
+    the same outputs and gradients from the same weights."""
+    torch.manual_seed(0)
+    net = create_model("net", **options).eval()
+    swapped = [
+        (i, i + 1)
+        for i, (a, b) in enumerate(zip(net, list(net)[1:], strict=False))
+        if isinstance(a, torch.nn.MaxPool2d) and isinstance(b, torch.nn.Tanh)
+    ]
+    assert len(swapped) == 2
+    layers = list(net)
+    for i, j in swapped:
+        layers[i], layers[j] = layers[j], layers[i]
+    reference = torch.nn.Sequential(*layers).eval()  # the same modules, the seed's order
+    x = torch.randn(8, 3, 32, 32)
+    ours, theirs = net(x), reference(x)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    grads = [torch.autograd.grad(out.sum(), list(net.parameters())) for out in (ours, theirs)]
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_reference_variants_have_the_layers_the_tables_name():
     dropout_net = create_model("net", width=32, dropout=0.3)
     assert sum(isinstance(m, torch.nn.Dropout2d) for m in dropout_net.modules()) == 2

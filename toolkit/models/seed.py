@@ -36,11 +36,13 @@ def build_mlp(num_classes, input_size, in_channels, dropout=0.0, batch_norm=Fals
 
 
 def _tanh_conv_stage(cin, cout, dropout, batch_norm) -> list[nn.Module]:
-    # Reference order: conv, (BN), tanh, maxpool, (dropout2d).
+    # The reference's conv, (BN), tanh, maxpool, (dropout2d), with the pool before the tanh:
+    # tanh is increasing, so max-pooling commutes with it. The same function (and the same
+    # state_dict keys), with a quarter of the tanh work, which dominates these nets' epochs.
     stage: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1)]
     if batch_norm:
         stage.append(nn.BatchNorm2d(cout))
-    stage += [nn.Tanh(), nn.MaxPool2d(2)]
+    stage += [nn.MaxPool2d(2), nn.Tanh()]
     if dropout:
         stage.append(nn.Dropout2d(dropout))
     return stage
