@@ -40,8 +40,8 @@ def on_files(files: Files, config) -> Files:
             if path.is_file() and path.suffix in suffixes and "__pycache__" not in path.parts:
                 uri = path.relative_to(ROOT).as_posix()
                 # Listed in the nav where the nav names them; reachable by link otherwise.
-                inclusion = InclusionLevel.NOT_IN_NAV
-                files.append(File.generated(config, uri, abs_src_path=str(path), inclusion=inclusion))
+                where = {"abs_src_path": str(path), "inclusion": InclusionLevel.NOT_IN_NAV}
+                files.append(File.generated(config, uri, **where))
     return files
 
 
@@ -88,8 +88,8 @@ def exports_block(package: str) -> str:
         blocks.append(
             f"::: {module}.{name}\n"
             f"    options:\n"
-            f"      heading: \"{package}.{name}\"\n"
-            f"      toc_label: \"{name}\"\n"
+            f'      heading: "{package}.{name}"\n'
+            f'      toc_label: "{name}"\n'
         )
     return "\n".join(blocks)
 
