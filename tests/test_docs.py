@@ -55,17 +55,20 @@ def site(tmp_path_factory) -> Path:
 def test_the_site_builds_strict_with_every_nav_page(site):
     nav = re.findall(r":\s+([\w/.-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M)
     assert len(nav) >= 30
-    for page in nav:  # a.md -> a/index.html, a/index.md and a/README.md -> a/index.html
-        folder = page.removesuffix(".md").removesuffix("index").removesuffix("README")
-        assert (site / folder / "index.html").is_file(), page
+    for page in nav:  # a.md -> a.html (the site opens from disk); a/README.md -> a/index.html
+        html = re.sub(r"(^|/)README\.md$", r"\1index.md", page).removesuffix(".md") + ".html"
+        assert (site / html).is_file(), page
     # The hook's mirrored files: a benchmark page, its plots, the shipped models' pictures.
-    assert "90.74% ± 0.06%" in (site / "benchmarks" / "speedrun" / "index.html").read_text()
+    assert "90.74% ± 0.06%" in (site / "benchmarks" / "speedrun.html").read_text()
     assert (site / "benchmarks" / "calibration" / "cifar10-speedrun.png").is_file()
     assert (site / "artifacts" / "cifar10-speedrun" / "reliability_diagram.png").is_file()
     assert not list(site.rglob("*.onnx")) and not (site / "hooks.py").exists()
     # Links written for GitHub (../benchmarks/x.md) point at the site's copy.
-    page = (site / "benchmarks" / "index.html").read_text()
-    assert 'href="speedrun/"' in page and "../benchmarks/" not in page
+    page = (site / "benchmarks.html").read_text()
+    assert 'href="benchmarks/speedrun.html"' in page and "../benchmarks/" not in page
+    # Nothing is fetched from the network when the site is opened (web fonts, scripts).
+    for html in site.rglob("*.html"):
+        assert not re.search(r'<(link|script)[^>]+(href|src)="(https?:)?//', html.read_text())
 
 
 def test_the_reference_documents_every_exported_name(site):
@@ -73,11 +76,11 @@ def test_the_reference_documents_every_exported_name(site):
     packages = sorted(p.parent.name for p in (ROOT / "toolkit").glob("*/__init__.py"))
     assert {"data", "models", "train", "export", "predict", "audit"} <= set(packages)
     for package in packages:
-        page = (site / "api" / package / "index.html").read_text()
+        page = (site / "api" / f"{package}.html").read_text()
         names = hooks().exported_names(f"toolkit.{package}")
         for name in names:
             assert f'id="{names[name]}.{name}"' in page, f"toolkit.{package}.{name}"
-    api = (site / "api" / "toolkit-api" / "index.html").read_text()
+    api = (site / "api" / "toolkit-api.html").read_text()
     for name in ("train", "resume", "evaluate", "export", "predict", "audit"):
         assert f'id="toolkit.api.{name}"' in api
 
