@@ -33,7 +33,7 @@ UV     ?= $(shell command -v uv 2>/dev/null)
 # installs, so the demo and the tests run the versions the image ships.
 PINS := -c serving/requirements.txt
 
-.PHONY: install install-serve test test-all lint demo artifacts clean
+.PHONY: install install-serve test test-all lint docs demo artifacts clean
 
 # The venv, without the other onnxruntime wheel: both ship the module `onnxruntime`, so remove
 # both and let the install put back the one asked for.
@@ -71,8 +71,8 @@ install-serve: $(SERVE_STAMP)
 install: $(FULL_STAMP)
 
 lint: install
-	$(BIN)/ruff check toolkit serving tests benchmarks
-	$(BIN)/ruff format --check toolkit serving tests benchmarks
+	$(BIN)/ruff check toolkit serving tests benchmarks docs/hooks.py
+	$(BIN)/ruff format --check toolkit serving tests benchmarks docs/hooks.py
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -80,6 +80,10 @@ test: lint
 # Everything, including the long tests (real training, the demo and Docker-equivalent venvs).
 test-all: lint
 	$(BIN)/python -m pytest
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link fails it.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir site
 
 demo: install-serve
 	$(BIN)/toolkit serve --artifacts artifacts --port $(PORT)
@@ -90,4 +94,4 @@ artifacts: install
 	$(BIN)/python -m benchmarks.make_artifacts $(if $(CIFAR10_DIR),--data-dir $(CIFAR10_DIR))
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -1,4 +1,4 @@
-"""The Python API: the README's example runs as written, and each call is the CLI's code."""
+"""The Python API: the docs' example runs as written, and each call is the CLI's code."""
 
 from __future__ import annotations
 
@@ -13,21 +13,20 @@ from toolkit.api import run_folder, train
 from toolkit.errors import ToolkitError
 from toolkit.train.config import TrainConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "api" / "index.md"
 
 
-def readme_example() -> str:
-    """The python block of the README's "From Python" section."""
-    section = README.read_text().split("### From Python", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def docs_example() -> str:
+    """The first python block of the docs' "From Python" page."""
+    return re.search(r"```python\n(.*?)```", PAGE.read_text(), re.S).group(1)
 
 
-def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+def test_the_docs_example_runs_as_written(tmp_path, monkeypatch, capsys):
     write_image_folder(
         tmp_path / "my_images", classes=("apple", "pear", "plum"), per_class={"train": 12}
     )
     monkeypatch.chdir(tmp_path)
-    exec(compile(readme_example(), "README.md", "exec"), {})
+    exec(compile(docs_example(), str(PAGE), "exec"), {})
     printed = capsys.readouterr().out
     assert re.search(r"test accuracy \d+\.\d%", printed)
     apples = sorted((tmp_path / "my_images" / "train" / "apple").iterdir())

@@ -249,26 +249,26 @@ def test_the_deployment_manifest_probes_routes_the_server_answers(server):
     assert env == {"TOOLKIT_AUTH"}
 
 
-# --- the README's client code ------------------------------------------------------------------
+# --- the docs' client code ---------------------------------------------------------------------
 
 
-def readme_blocks(section: str) -> list[str]:
-    """The ```python blocks of a README section, in order."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"### {section}\n")
-    end = text.index("\n### ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start:end], re.S)
+def docs_blocks(section: str) -> list[str]:
+    """The ```python blocks of a section of the inference API's page, in order."""
+    text = (ROOT / "docs" / "serving" / "api.md").read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], re.S)
 
 
-def test_the_readme_client_code_runs_as_written(server, capsys, monkeypatch, tmp_path):
+def test_the_docs_client_code_runs_as_written(server, capsys, monkeypatch, tmp_path):
     """tritonclient's block, then plain httpx's (which reuses its `batch`), on a real cat."""
     shutil.copy(ARTIFACTS / "examples" / "cifar10" / "cat_0.png", tmp_path / "cat.png")
     monkeypatch.chdir(tmp_path)
     address = server.removeprefix("http://").rstrip("/")
-    tritonclient_code, httpx_code = readme_blocks("Calling it from code")
+    tritonclient_code, httpx_code = docs_blocks("Calling it from code")
     namespace: dict = {}
     exec(tritonclient_code.replace("127.0.0.1:7860", address), namespace)
-    assert "b'0.968786:3:cat'" in capsys.readouterr().out  # what the README says it prints
+    assert "b'0.968786:3:cat'" in capsys.readouterr().out  # what the docs say it prints
     exec(httpx_code.replace("127.0.0.1:7860", address), namespace)
     assert capsys.readouterr().out.startswith("cat [{'label': 'cat'")
     assert len(namespace["probs"]) == 10 and max(namespace["probs"]) > 0.9
