@@ -26,10 +26,12 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from serving.app import CACHE_SWEEP, build_demo, launch, parse_args, parse_auth
-from serving.card import card_markdown, latency_markdown
+from serving.app import build_demo, launch
 from serving.catalog import Catalog, load_catalog
-from serving.handlers import DemoHandlers, upload_bytes
+from serving.options import parse_args, parse_auth
+from serving.page.blocks import CACHE_SWEEP
+from serving.page.card import card_markdown, latency_markdown
+from serving.page.handlers import DemoHandlers, upload_bytes
 from serving.uploads import ImageError, open_upload
 from tests.served import png_claiming, truncated
 from tests.synthetic import CIFAR_CLASSES, STL10_CLASSES

@@ -29,10 +29,10 @@ from PIL import Image
 import serving.app
 from benchmarks.bad_uploads import real_bomb
 from benchmarks.load_test import VALID, post_chunked, read_status, serve_under_attack, targets
-from serving.app import exposure_warning, is_loopback
 from serving.catalog import load_catalog
 from serving.classifier import ArtifactError
-from serving.handlers import DemoHandlers
+from serving.options import exposure_warning, is_loopback
+from serving.page.handlers import DemoHandlers
 from serving.uploads import ImageError, open_upload
 from tests.test_app import UPLOAD_CAP_MB, ask, connect, example, running_demo
 

@@ -304,7 +304,7 @@ def test_evaluate_reports_both_accuracies_and_marks_doubtful_failures(
     captions = [f.caption for f in loaded]
     assert any("label likely wrong — the audit suggests cherry" in c for c in captions)
     # The model card states what the audit found, and that none was run when none was.
-    from serving.card import audit_rows
+    from serving.page.card import audit_rows
 
     [(name, text)] = audit_rows({"audit": audit}, loaded)
     assert name == "data audit" and text.startswith("2 test images repeat a training image")

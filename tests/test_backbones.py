@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from tests.synthetic import write_image_folder
 from toolkit.cli import app
-from toolkit.cli_options import with_bare_values
+from toolkit.cli.options import with_bare_values
 from toolkit.data import DataOptions
 from toolkit.errors import ToolkitError
 from toolkit.models import create_model, get_entry

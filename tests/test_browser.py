@@ -11,6 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -35,7 +36,13 @@ if not CHROMIUM.is_file():
 
 
 @pytest.fixture()
-def page(served_artifacts):
+def requested() -> list[str]:
+    """Every URL the page's browser asks for, from the first load on."""
+    return []
+
+
+@pytest.fixture()
+def page(served_artifacts, requested):
     """A fresh page on a fresh server; both closed afterwards."""
     with running_demo(served_artifacts) as url, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -44,6 +51,7 @@ def page(served_artifacts):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.set_default_timeout(TIMEOUT_MS)
+            page.on("request", lambda request: requested.append(request.url))
             page.goto(url)
             yield page
         finally:
@@ -97,3 +105,14 @@ def test_damaged_upload_shows_a_specific_error(page, served_artifacts, tmp_path)
     # the page still works afterwards
     upload(page, served_artifacts / "examples" / "cifar10" / "ship_0.png")
     expect(page.get_by_test_id("label-output-value")).to_have_text(heading("ship"))
+
+
+def test_the_page_asks_nothing_of_other_hosts(page, requested, served_artifacts):
+    """An air-gapped user's browser reaches no CDN or font service: everything the page
+    loads, and asks while classifying, comes from the server itself."""
+    upload(page, served_artifacts / "examples" / "cifar10" / "cat_0.png")
+    sync_api.expect(page.get_by_test_id("label-output-value")).to_have_text(heading("cat"))
+    origin = urlsplit(page.url).netloc
+    fetched = [u for u in requested if urlsplit(u).scheme in ("http", "https", "ws", "wss")]
+    assert len(fetched) > 5  # the page, its scripts, styles, fonts, the upload, the call
+    assert [u for u in fetched if urlsplit(u).netloc != origin] == []

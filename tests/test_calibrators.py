@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from serving.card import calibration_rows
+from serving.page.card import calibration_rows
 from toolkit.evaluate.calibration import (
     expected_calibration_error,
     expected_threshold,

@@ -1,6 +1,6 @@
-"""The Open Inference Protocol without a server (serving/oip.py, serving/oip_infer.py): what a
-shipped model says about itself, every way an infer request can be wrong (each refused with
-its own message, before anything of the declared size exists), and responses that
+"""The Open Inference Protocol without a server (serving/api/oip.py, serving/api/oip_infer.py):
+what a shipped model says about itself, every way an infer request can be wrong (each refused
+with its own message, before anything of the declared size exists), and responses that
 tritonclient's own decoder reads back.
 
 The hostile requests are listed once here (`PROTOCOL_CASES`); tests/test_oip_server.py sends
@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.classifier import OnnxClassifier
-from serving.oip import MAX_BATCH_SIZE, ModelSpec, RequestError, quote, server_metadata
-from serving.oip_infer import (
+from serving.api.oip import MAX_BATCH_SIZE, ModelSpec, RequestError, quote, server_metadata
+from serving.api.oip_infer import (
     InferRequest,
     RequestedOutput,
     classification,
     encode_response,
     parse_infer,
 )
+from serving.classifier import OnnxClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"

@@ -1,4 +1,4 @@
-"""The inference API served beside the page (serving/api.py), over real HTTP on a free port,
+"""The inference API served beside the page (serving/api/routes.py), over real HTTP on a free port,
 with the shipped models: health and metadata, tensors in and out, /classify answering as the
 page does, every bad request a 4xx with a JSON error that names it (and the server still
 serving), backpressure, --auth, and the Prometheus metrics.
@@ -24,10 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bad_uploads import truncated
 from benchmarks.load_test import post_chunked, read_status
-from serving.app import build_demo, parse_args
+from serving.app import build_demo
 from serving.catalog import load_catalog
 from serving.classifier import OnnxClassifier
-from serving.options import DEFAULT_MAX_QUEUE
+from serving.options import DEFAULT_MAX_QUEUE, parse_args
 from tests.test_app import UPLOAD_CAP_MB, as_dict, ask, connect, running_demo
 from tests.test_oip import PROTOCOL_CASES, binary_body, example_batch, json_body
 

@@ -21,9 +21,9 @@ from PIL import Image
 from tritonclient.http.auth import BasicAuth
 from tritonclient.utils import InferenceServerException
 
+from serving.answer import classify
+from serving.api.oip import MAX_BATCH_SIZE, triton_name
 from serving.catalog import Catalog, load_catalog
-from serving.handlers import classify
-from serving.oip import MAX_BATCH_SIZE, triton_name
 from tests.test_app import running_demo
 
 ROOT = Path(__file__).resolve().parents[1]

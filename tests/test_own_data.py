@@ -221,8 +221,8 @@ def test_init_from_a_foreign_architecture_is_one_clear_error(tmp_path, cifar_run
 
 
 def test_the_served_app_shows_a_custom_models_class_names(tmp_path):
+    from serving.answer import classify
     from serving.catalog import load_catalog
-    from serving.handlers import classify
     from toolkit.evaluate import evaluate_run
     from toolkit.export import export_run
     from toolkit.export.bench import Timing

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import fnmatch
 import importlib.metadata
 import json
 import os
@@ -240,6 +241,20 @@ def test_the_serving_path_imports_no_torch():
     loaded = set(ast.literal_eval(done.stdout.strip().splitlines()[-1]))
     training = {"torch", "torchvision", "onnx", "onnxscript", "sklearn", "matplotlib"}
     assert not loaded & training
+
+
+def test_the_install_ships_every_package():
+    """Every folder of modules is a package that pyproject's discovery includes. A subpackage
+    without an __init__.py (serving/page/, toolkit/cli/) imports from a checkout but is left
+    out of a wheel (setuptools' find only descends into packages), and `toolkit serve` from an
+    installed copy would not start."""
+    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    folders = {
+        path.parent for package in ("toolkit", "serving") for path in (ROOT / package).rglob("*.py")
+    }
+    names = {".".join(folder.relative_to(ROOT).parts) for folder in folders}
+    assert sorted(f for f in folders if not (f / "__init__.py").is_file()) == []
+    assert sorted(n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in include)) == []
 
 
 def test_the_version_is_written_once():

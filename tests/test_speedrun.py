@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from serving.card import card_markdown
+from serving.api.oip import triton_name
 from serving.catalog import load_model
-from serving.oip import triton_name
+from serving.page.card import card_markdown
 from tests.training import fit_interrupted_in_second_epoch, tiny_config
 from toolkit.data import DataOptions
 from toolkit.data.carve import carve

@@ -96,7 +96,7 @@ def download_official(spec: DatasetSpec, root: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
     cls = getattr(tvd, DOWNLOADS[spec.name][2])
-    log.info("downloading %s into %s", spec.name, root)
+    log.info("downloading %s from %s into %s", spec.name, cls.url, root)
     try:
         download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
     except Exception as exc:  # no network, proxy, disk full...

@@ -96,8 +96,9 @@ class DataOptions:
 
     dataset: str = option(
         "cifar10",
-        "cifar10 or stl10: the official files. A --data-dir names its classes by its "
-        "folders, a --splits DIR by its classes.txt (else this dataset's).",
+        "cifar10 or stl10: the official files, downloaded from the internet when missing "
+        "(see --download). A --data-dir names its classes by its folders, a --splits DIR by "
+        "its classes.txt (else this dataset's).",
     )
     data_dir: str | None = option(
         None,
@@ -137,7 +138,11 @@ class DataOptions:
         "Decoded images larger than this stay on disk, memory-mapped, instead of in RAM "
         "(default: half of this machine's memory).",
     )
-    download: bool = option(True, "Download the official files when missing.")
+    download: bool = option(
+        True,
+        "Download the official files from the internet when missing (--no-download: never "
+        "connect).",
+    )
     # See toolkit.data.sources for what counts as a bad file.
     bad_files: str = option(
         "fail",

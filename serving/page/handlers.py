@@ -14,13 +14,12 @@ from typing import Any
 
 import gradio as gr
 
-from serving.card import card_markdown
+from serving.answer import classify
 from serving.catalog import Catalog, ServedModel, example_caption
-from serving.uploads import ImageError, open_upload
+from serving.page.card import card_markdown
+from serving.uploads import ImageError
 
 log = logging.getLogger(__name__)
-
-TOP_K = 5
 
 
 def upload_bytes(payload: Any, max_bytes: int) -> tuple[bytes, str]:
@@ -46,37 +45,6 @@ def upload_bytes(payload: Any, max_bytes: int) -> tuple[bytes, str]:
 
 def _too_big(name: str, size: int, max_bytes: int) -> str:
     return f"{name} is {size / 1e6:.1f} MB; the upload limit is {max_bytes / 1e6:.1f} MB"
-
-
-NOT_SURE = "not sure"
-
-
-def classify(
-    model: ServedModel, source: bytes | Path, name: str, k: int = TOP_K
-) -> tuple[dict, dict]:
-    """Decode + classify one image -> (a gr.Label value, latency facts).
-
-    The label is the top class, or "not sure" when its (calibrated) probability is below the
-    model's confidence threshold; the top-k classes are there either way. The page and the
-    API's /classify both answer with this.
-    """
-    image = open_upload(source, name)
-    classifier = model.classifier
-    probs, timing = classifier.timed_predict(image)
-    timing["providers"] = classifier.providers[0]
-    timing["model"] = model.key
-    top = classifier.top_k(probs, k)
-    sure = classifier.is_sure(probs)
-    if not sure:
-        timing["not_sure"] = {
-            "top": max(top.values()),
-            "threshold": classifier.confidence_threshold,
-        }
-    label = {
-        "label": next(iter(top)) if sure else NOT_SURE,
-        "confidences": [{"label": k, "confidence": v} for k, v in top.items()],
-    }
-    return label, timing
 
 
 class DemoHandlers:

@@ -8,9 +8,9 @@ import secrets
 
 from starlette.requests import Request
 
-from serving.handlers import TOP_K
-from serving.metrics import Metrics
-from serving.oip import RequestError
+from serving.answer import TOP_K
+from serving.api.metrics import Metrics
+from serving.api.oip import RequestError
 
 RETRY_AFTER_S = 1
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from toolkit.audit.options import AuditOptions
-from toolkit.cli_options import with_declared_options
-from toolkit.cli_output import console, friendly_errors, summary_table
+from toolkit.cli.options import with_declared_options
+from toolkit.cli.output import console, friendly_errors, summary_table
 from toolkit.data.specs import DataOptions
 from toolkit.options import declared, given_values
 

@@ -35,13 +35,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from serving.answer import classify
+from serving.api.guards import Gate, authorized, check_encoding, media_type, top_k, unsupported
+from serving.api.metrics import ERROR_STATE, MODEL_STATE, STATUS_KINDS, Metrics, MetricsMiddleware
+from serving.api.oip import HEADER_LENGTH, VERSION, ModelSpec, RequestError, server_metadata
+from serving.api.oip_infer import encode_response, parse_infer
 from serving.catalog import Catalog, ServedModel
-from serving.guards import Gate, authorized, check_encoding, media_type, top_k, unsupported
-from serving.handlers import classify
 from serving.limits import MULTIPART_SLACK, BodyLimit
-from serving.metrics import ERROR_STATE, MODEL_STATE, STATUS_KINDS, Metrics, MetricsMiddleware
-from serving.oip import HEADER_LENGTH, VERSION, ModelSpec, RequestError, server_metadata
-from serving.oip_infer import encode_response, parse_infer
 from serving.uploads import ImageError
 
 # Inference requests in progress at once, whatever their stage; a few per core is enough to

@@ -1,4 +1,4 @@
-"""An Open Inference Protocol infer request, checked, and its response (serving/oip.py has
+"""An Open Inference Protocol infer request, checked, and its response (oip.py beside it has
 what the protocol says about a model, and the two extensions spoken).
 
 `parse_infer` turns a body (JSON, or JSON followed by binary tensors) into an N×3×H×W float32
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from serving.oip import VERSION, ModelSpec, RequestError, dims, quote
+from serving.api.oip import VERSION, ModelSpec, RequestError, dims, quote
 
 
 @dataclass(frozen=True)
