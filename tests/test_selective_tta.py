@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.card import tta_rows
+from serving.page.card import tta_rows
 from tests.training import tiny_config
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run

@@ -200,3 +200,14 @@ def test_unwritable_run_folder_fails_before_training(cifar_folder, tmp_path):
     target.write_text("x")
     with pytest.raises(ToolkitError, match="cannot write to run folder"):
         fit(tiny_config(cifar_folder, tmp_path), run_dir=target / "run")
+
+
+def test_a_short_default_run_trains_without_augmentation():
+    """--epochs 3 or less: no crop + flip (chosen on val, see recipes.SHORT_RUN_EPOCHS);
+    --augment still forces them, and the seed recipe and longer runs keep theirs."""
+    assert recipes.resolve("default", "net", {})["augment"]
+    assert not recipes.resolve("default", "net", {"epochs": recipes.SHORT_RUN_EPOCHS})["augment"]
+    assert recipes.resolve("default", "net", {"epochs": 4})["augment"]
+    assert recipes.resolve("default", "net", {"epochs": 2, "augment": True})["augment"]
+    config = TrainConfig.from_options("net", epochs=2)
+    assert not config.augment and "--no-augment" not in config.command_flags()

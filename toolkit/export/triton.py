@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from serving.oip import triton_name
+from serving.api.oip import triton_name
 from toolkit.atomic import atomic_write_bytes, atomic_write_text
 from toolkit.errors import ToolkitError
 from toolkit.export.onnx_graph import INPUT_NAME, OUTPUT_NAMES
@@ -26,7 +26,7 @@ MAX_QUEUE_DELAY_US = 500
 
 
 def model_name(meta: dict) -> str:
-    """<dataset>_<model>, the one rule the inference API also answers to (serving.oip)."""
+    """<dataset>_<model>, the one rule the inference API also answers to (serving.api.oip)."""
     return triton_name(meta)
 
 

@@ -198,12 +198,15 @@ COMMON = dict(
     muon_momentum=0.6,
 )
 TTA_LEVELS = (0, 1, 2)
+SHORT_RUN_EPOCHS = 3  # the default recipe's runs this short train without augmentation
 
 
 def resolve(recipe: str, model: str, overrides: dict) -> dict:
     """Recipe values for `model`, then every override that is not None.
 
-    Overriding the epochs scales the recipe's warm-up with them (unless it is given too).
+    Overriding the epochs scales the recipe's warm-up with them (unless it is given too),
+    and the default recipe's runs of at most SHORT_RUN_EPOCHS drop its augmentation (unless
+    --augment is given).
     """
     if recipe not in RECIPES:
         raise ToolkitError(f"unknown recipe '{recipe}'; choose one of: {', '.join(RECIPES)}")
@@ -220,6 +223,14 @@ def resolve(recipe: str, model: str, overrides: dict) -> dict:
         # A recipe's warm-up is a share of its training: a shorter (or longer) run keeps the
         # share, so `--epochs 3` does not spend every step warming up.
         values["warmup_epochs"] = values["warmup_epochs"] * values["epochs"] / recipe_epochs
+    if (
+        recipe == "default"
+        and overrides.get("augment") is None
+        and values["epochs"] <= SHORT_RUN_EPOCHS
+    ):
+        # Too short to overfit: crops and flips only slow the fit. net on val (45,000
+        # CIFAR-10 images): 2 epochs 58.8 % with them, 60.3 % without; 3 epochs 61.4 / 63.4 %.
+        values["augment"] = False
     if overrides.get("freeze_epochs") is None:  # a shorter run still trains its backbone
         values["freeze_epochs"] = min(values["freeze_epochs"], int(values["epochs"]) - 1)
     _check(values)
