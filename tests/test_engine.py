@@ -4,6 +4,7 @@ augmentation, the resnet9 model and its recipe."""
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
 import pytest
@@ -104,6 +105,7 @@ def test_config_json_records_the_resolved_engine(cifar_folder, tmp_path):
     engine = config["engine"]
     assert (engine["amp"], engine["compile"], engine["world_size"]) == ("bf16", False, 1)
     assert engine["channels_last"] is True and engine["cudnn_benchmark"] is False
+    assert engine["heap_kept"] is (sys.platform == "linux")
     assert engine["device"] == "cpu" and engine["distributed_backend"] is None
     ckpt = Checkpoint.load(run / "last.pt")
     assert all(t.dtype != torch.bfloat16 for t in ckpt.state_dict.values())
