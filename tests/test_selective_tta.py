@@ -12,24 +12,16 @@ import pytest
 import torch
 
 from serving.page.card import tta_rows
+from tests.test_speedrun import FAST, META
 from tests.training import tiny_config
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run
 from toolkit.export import export_run
-from toolkit.export.bench import Timing
 from toolkit.export.onnx_graph import ExportHead, export_classifier
 from toolkit.export.opset import SELECTIVE_TTA_OPSET
 from toolkit.models import NormalizedClassifier, create_model
 from toolkit.train import fit
 from toolkit.tta import TTAClassifier
-
-META = {
-    "model": "speedrun",
-    "dataset": "cifar10",
-    "input_size": [32, 32],
-    "classes": list("0123456789"),
-}
-FAST = Timing(warmup=1, min_runs=2, max_runs=2, budget_s=0.0)
 
 
 @pytest.fixture(scope="module")
