@@ -281,7 +281,7 @@ def _pct(x) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The tables of audit.md (the prose around them is written by hand into README.md)."""
+    """The tables of audit.md (the prose around them is written by hand into docs/audit.md)."""
     results = report["results"]
     newest = results.get("real") or next(iter(results.values()))
     settings = ", ".join(f"{k} {v}" for k, v in newest["settings"].items())
