@@ -136,3 +136,9 @@ def test_muon_trains_any_conv_net_and_its_run_resumes_exactly(tmp_path, cifar_fo
     rows = read_metrics(straight)
     assert len(rows) == 2 and rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert any("momentum_buffer" in s for s in a.optimizer["state"].values())
+
+
+def test_the_muon_recipe_serves_selective_tta():
+    values = recipes.resolve("muon", "speedrun", {})
+    assert values["tta"] == 2 and 0.0 < values["tta_below"] < 1.0
+    assert recipes.resolve("airbench94", "speedrun", {})["tta_below"] == 1.0
