@@ -46,6 +46,7 @@ def _param_groups(config: TrainConfig, net: nn.Module, lr: float, decay: float) 
         head = [p for name, p in net.named_parameters() if name.startswith(prefix)]
         taken = {id(p) for p in head}
         params = [p for p in params if id(p) not in taken]
+        filters = [p for p in filters if id(p) not in taken]  # a conv head stays the head's
         lr = lr * config.backbone_lr_scale
     groups = [{"params": params, "lr": lr, "weight_decay": decay}]
     if config.bias_lr_scale != 1.0:
