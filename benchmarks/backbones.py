@@ -70,12 +70,19 @@ def test_images(data_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images).astype(np.float32) / 255.0, np.array(labels)
 
 
-def train_rate(net: torch.nn.Module, size: int, dtype: torch.dtype | None) -> float:
-    """Training images/s: forward, backward and an AdamW step on batches of TRAIN_BATCH."""
+def train_rate(
+    net: torch.nn.Module,
+    size: int,
+    dtype: torch.dtype | None,
+    batch: int = TRAIN_BATCH,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """Training images/s: forward, backward and an optimizer step (AdamW unless given) on
+    random batches of `batch` images, channels_last."""
     net.train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x = torch.rand(TRAIN_BATCH, 3, size, size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (TRAIN_BATCH,))
+    optimizer = optimizer or torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
     net = net.to(memory_format=torch.channels_last)
 
     def step():
@@ -90,7 +97,7 @@ def train_rate(net: torch.nn.Module, size: int, dtype: torch.dtype | None) -> fl
     start = time.perf_counter()
     for _ in range(TRAIN_STEPS):
         step()
-    return TRAIN_BATCH * TRAIN_STEPS / (time.perf_counter() - start)
+    return batch * TRAIN_STEPS / (time.perf_counter() - start)
 
 
 def logits_of(run, images: np.ndarray, batch: int = 250) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from serving.preprocess import prepare, preprocessing_rules
+from serving.preprocess import Resize, prepare
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class OnnxClassifier:
         self.classes: list[str] = self._check_metadata()
         height, width = self.metadata["input_size"]
         self.input_size: tuple[int, int] = (int(height), int(width))
+        self.resize = self._check_preprocessing()
         # Calibration (toolkit's export): the graph's "probs" are calibrated on val (T is the
         # first step of its calibrator; metadata "calibration_method" names the rest), and
         # below the threshold a prediction is "not sure". Older models: T = 1, no threshold.
@@ -139,15 +140,15 @@ class OnnxClassifier:
         temperature = meta.get("temperature", 1.0)
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ArtifactError(f"'{self.path}': metadata 'temperature' is not a positive number")
-        rules, implemented = meta["preprocessing"], preprocessing_rules(tuple(size))
-        if not isinstance(rules, dict) or any(
-            rules.get(key) != value for key, value in implemented.items()
-        ):
-            raise ArtifactError(
-                f"'{self.path}' asks for preprocessing {rules}; for its {size[1]}x{size[0]} "
-                f"input this server implements {implemented} only"
-            )
         return classes
+
+    def _check_preprocessing(self) -> Resize:
+        """How uploads are resized for this model: the rules its metadata names, if this code
+        implements them."""
+        try:
+            return Resize.from_rules(self.input_size, self.metadata["preprocessing"])
+        except ValueError as exc:
+            raise ArtifactError(f"'{self.path}' asks for {exc}") from exc
 
     def _check_input(self) -> tuple[str, int | None]:
         """The input's name and its fixed batch size (None when the batch is dynamic)."""
@@ -198,7 +199,7 @@ class OnnxClassifier:
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """PIL image -> 3×H×W float32 in [0, 1], exactly as the training data was prepared."""
-        return self.to_input(prepare(image, self.input_size)[None])[0]
+        return self.to_input(prepare(image, self.resize)[None])[0]
 
     @staticmethod
     def to_input(images: np.ndarray) -> np.ndarray:

@@ -1,31 +1,86 @@
 """How an image becomes what a model sees: the one copy, used by training and serving alike.
 
 EXIF orientation, any mode to RGB (16-bit scaled down rather than clipped, alpha composited
-on white), centre-crop to the model's shape (a square, or its width:height), PIL bilinear
-resize. toolkit.data decodes training images with `prepare`, and serving/ decodes uploads
-with it; the ONNX export writes `preprocessing_rules(size)` into every model's metadata and
-the server refuses a model that asks for other rules, so training and serving cannot drift
-apart.
+on white), centre-crop to the model's shape (a square, or its width:height), then a resize:
+PIL bilinear of the whole crop by default, or what a pretrained model's weights were trained
+with (timm's interpolation, and its crop_pct as the centred share of the crop that is kept).
+toolkit.data decodes training images with `prepare`, and serving/ decodes uploads with it;
+the ONNX export writes `Resize.rules()` into every model's metadata and the server reads them
+back with `Resize.from_rules`, refusing rules it does not implement, so training and serving
+cannot drift apart.
 
 Torch-free on purpose: the serving image has only Pillow and numpy.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image, ImageOps
 
-RESIZE_FILTER = Image.Resampling.BILINEAR
-# The rules above, as written into each exported square model's metadata ("preprocessing").
+# The resize filters a model may ask for, by the names timm's pretrained configs use.
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# The rules every model's metadata carries ("preprocessing"); the crop is "center-square"
+# for a square model, "center-aspect" (the largest centred crop of its width:height) else.
 PREPROCESSING = {"color": "RGB", "scale": "0..1", "resize": "bilinear", "crop": "center-square"}
 
 
+@dataclass(frozen=True)
+class Resize:
+    """How an image is brought to a model's input size."""
+
+    size: tuple[int, int]  # (height, width)
+    interpolation: str = "bilinear"
+    # The centred share of each side of the crop that is kept before resizing: timm's
+    # crop_pct (0.875 for most ImageNet weights: resize to size / 0.875, centre-crop size).
+    crop_fraction: float = 1.0
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation '{self.interpolation}' is not one of {', '.join(INTERPOLATIONS)}"
+            )
+        if not 0.0 < self.crop_fraction <= 1.0:
+            raise ValueError(f"crop fraction {self.crop_fraction} is not in (0, 1]")
+
+    def rules(self) -> dict:
+        """The rules as metadata records them; a model with the defaults records exactly
+        what every model before pretrained preprocessing did."""
+        height, width = self.size
+        rules = {
+            **PREPROCESSING,
+            "resize": self.interpolation,
+            "crop": "center-square" if height == width else "center-aspect",
+        }
+        if self.crop_fraction != 1.0:
+            rules["crop_fraction"] = self.crop_fraction
+        return rules
+
+    @classmethod
+    def from_rules(cls, size: tuple[int, int], rules: dict) -> Resize:
+        """The Resize a model's metadata asks for; ValueError names a rule not implemented."""
+        if not isinstance(rules, dict):
+            raise ValueError(f"preprocessing {rules!r} is not a set of rules")
+        resize = cls(
+            tuple(size), rules.get("resize", "bilinear"), float(rules.get("crop_fraction", 1.0))
+        )
+        if rules != resize.rules():
+            raise ValueError(
+                f"preprocessing {rules} is not what this code implements for a "
+                f"{size[1]}x{size[0]} input ({resize.rules()})"
+            )
+        return resize
+
+
 def preprocessing_rules(size: tuple[int, int]) -> dict[str, str]:
-    """The rules for a model taking (height, width) images: a square model's crop is the
-    centred square (as every model before non-square sizes), another's the largest centred
-    crop of its width:height."""
-    height, width = size
-    return {**PREPROCESSING, "crop": "center-square" if height == width else "center-aspect"}
+    """The default rules of a model taking (height, width) images."""
+    return Resize(tuple(size)).rules()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -55,10 +110,18 @@ def center_crop(image: Image.Image, aspect: float = 1.0) -> Image.Image:
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
-def prepare(image: Image.Image, size: int | tuple[int, int]) -> np.ndarray:
-    """PIL image -> H×W×3 uint8 at `size` (a side, or (height, width))."""
-    height, width = (size, size) if isinstance(size, int) else size
+def prepare(image: Image.Image, size: int | tuple[int, int] | Resize) -> np.ndarray:
+    """PIL image -> H×W×3 uint8 at `size` (a side, (height, width), or a Resize)."""
+    if not isinstance(size, Resize):
+        size = Resize((size, size) if isinstance(size, int) else tuple(size))
+    height, width = size.size
     image = center_crop(to_rgb(ImageOps.exif_transpose(image) or image), width / height)
+    if size.crop_fraction != 1.0:
+        w, h = image.size
+        keep_w = max(1, round(w * size.crop_fraction))
+        keep_h = max(1, round(h * size.crop_fraction))
+        left, top = (w - keep_w) // 2, (h - keep_h) // 2
+        image = image.crop((left, top, left + keep_w, top + keep_h))
     if image.size != (width, height):
-        image = image.resize((width, height), RESIZE_FILTER)
+        image = image.resize((width, height), INTERPOLATIONS[size.interpolation])
     return np.asarray(image, dtype=np.uint8)

@@ -29,7 +29,8 @@ from toolkit.cli.options import with_bare_values
 from toolkit.data import DataOptions
 from toolkit.errors import ToolkitError
 from toolkit.models import create_model, get_entry
-from toolkit.models.pretrained import fetch, read_weights_file, resolve, unreachable
+from toolkit.models.pretrained import fetch, read_weights_file, resolve
+from toolkit.network import unreachable
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.train.config import TrainConfig
 from toolkit.train.trainer import fit
@@ -67,11 +68,12 @@ def imagenet_like(tmp_path_factory) -> dict[str, Path]:
 def _config(photos: Path, tmp_path: Path, model="timm/test_resnet", **flags) -> TrainConfig:
     values = dict(epochs=2, image_size=32, device="cpu")
     values.update(flags)
-    data = {k: values.pop(k) for k in ("image_size", "data_dir") if k in values}
+    data = {k: values.pop(k) for k in ("image_size", "data_dir", "interpolation") if k in values}
     options = DataOptions(
         data_dir=str(data.get("data_dir", photos)),
         data_root=str(tmp_path / "data"),
         image_size=data.get("image_size"),
+        interpolation=data.get("interpolation"),
     )
     return TrainConfig.from_recipe(model, options, **values)
 
@@ -133,11 +135,21 @@ def test_a_weights_file_loads_with_a_fresh_head_for_the_runs_classes(
 
 
 def test_a_toolkit_checkpoint_is_a_weights_file_too(imagenet_like, photos, tmp_path):
-    first = fit(_config(photos, tmp_path, epochs=1), run_dir=tmp_path / "first").run_dir
-    config = _config(photos, tmp_path, pretrained=str(first / "best.pt"), epochs=1)
+    """Its run's preprocessing comes with it (not timm's ImageNet defaults), and a head for
+    the same classes is kept."""
+    first = fit(_config(photos, tmp_path, epochs=1, image_size=24), run_dir=tmp_path / "first")
+    trained = Checkpoint.load(first.run_dir / "best.pt").dataset
+    assert trained["mean"] != [0.5, 0.5, 0.5]  # the photos' own, measured
+    pretrained = str(first.run_dir / "best.pt")
+    config = _config(photos, tmp_path, pretrained=pretrained, epochs=1, image_size=None)
+    assert config.data.image_size == 24 and config.data.crop_fraction == 1.0
+    assert config.normalization["mean"] == trained["mean"]
+    assert config.normalization["from"] == f"the toolkit run of {pretrained}"
     run = fit(config, run_dir=tmp_path / "second").run_dir
     record = json.loads((run / "config.json").read_text())["initialised_from"]
-    assert record["loaded"] == record["of"] - 2 and record["fresh"] == ["fc.bias", "fc.weight"]
+    assert record["loaded"] == record["of"] and record["fresh"] == []
+    with pytest.raises(ToolkitError, match="toolkit checkpoint of timm/test_resnet, not of"):
+        _config(photos, tmp_path, model="timm/test_efficientnet", pretrained=pretrained)
 
 
 def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
@@ -300,9 +312,16 @@ def test_the_weights_preprocessing_travels_into_the_served_model(imagenet_like, 
     """The run normalises with the weights' mean/std (test_resnet's 0.5, not the data's):
     the checkpoint, the ONNX graph and its metadata carry them, and the served model gives
     the checkpoint's answers."""
-    from serving.classifier import OnnxClassifier
+    from PIL import Image
 
-    config = _config(photos, tmp_path, pretrained=str(imagenet_like["safetensors"]), epochs=1)
+    from serving.classifier import OnnxClassifier
+    from serving.preprocess import Resize
+    from toolkit.data import load_data
+
+    # test_resnet's config: bilinear, crop_pct 0.95; a bicubic resize asked for.
+    weights = str(imagenet_like["safetensors"])
+    config = _config(photos, tmp_path, pretrained=weights, epochs=1, interpolation="bicubic")
+    assert config.data.crop_fraction == 0.95
     run = fit(config, run_dir=tmp_path / "run").run_dir
     ckpt = Checkpoint.load(run / "best.pt")
     assert ckpt.dataset["mean"] == [0.5, 0.5, 0.5] == ckpt.dataset["std"]
@@ -310,13 +329,17 @@ def test_the_weights_preprocessing_travels_into_the_served_model(imagenet_like, 
     assert result.exit_code == 0, result.output
     meta = json.loads((run / "export" / "model.json").read_text())
     assert meta["mean"] == [0.5, 0.5, 0.5] and meta["model"] == "timm/test_resnet"
+    assert meta["preprocessing"]["resize"] == "bicubic"
+    assert meta["preprocessing"]["crop_fraction"] == 0.95
     served = OnnxClassifier(run / "export" / "model.onnx")
-    image = next((photos / "test" / "bee").iterdir())
-    from PIL import Image
-
-    with Image.open(image) as photo:
+    assert served.resize == Resize((32, 32), "bicubic", 0.95)
+    # The server prepares an upload exactly as training decoded that file.
+    bundle = load_data(config.data)
+    row = bundle.paths["test"].index(next(p for p in bundle.paths["test"] if "bee" in p))
+    with Image.open(photos / bundle.paths["test"][row]) as photo:
         x = served.preprocess(photo)
         probs = served.predict([photo])[0]
+    assert torch.equal(torch.from_numpy(x * 255).round().byte(), bundle.test.images[row])
     with torch.no_grad():
         logits = ckpt.build_classifier()(torch.from_numpy(x)[None])[0]
     assert int(probs.argmax()) == int(logits.argmax())
@@ -330,7 +353,13 @@ def test_a_pretrained_fine_tune_resumes_exactly(imagenet_like, photos, tmp_path)
     from toolkit.train.trainer import resume
 
     config = _config(
-        photos, tmp_path, pretrained=str(imagenet_like["pth"]), epochs=2, balance="sampler"
+        photos,
+        tmp_path,
+        pretrained=str(imagenet_like["pth"]),
+        epochs=2,
+        balance="sampler",
+        freeze_epochs=1,
+        backbone_lr_scale=0.1,
     )
     straight = fit(config, run_dir=tmp_path / "straight").run_dir
     fit_interrupted_in_second_epoch(config, tmp_path / "resumed")
@@ -348,6 +377,7 @@ def test_a_pretrained_fine_tune_trains_under_torchrun(imagenet_like, photos, tmp
     run = tmp_path / "ddp-run"
     args = ["timm/test_resnet", "--data-dir", photos, "--data-root", tmp_path / "data"]
     args += ["--image-size", 32, "--epochs", 2, "--device", "cpu", "--amp", "off"]
+    args += ["--freeze-epochs", 1, "--backbone-lr-scale", 0.1]
     torchrun(
         *args,
         "--pretrained",

@@ -121,6 +121,28 @@ def test_a_step_no_temperature_fixes_is_fixed_by_a_top1_map():
     assert negative_log_likelihood(chosen.probs(test_logits), test_labels) <= nll_before
 
 
+def test_a_fold_with_no_finite_optimum_still_calibrates():
+    """Found by a fine-tune at chance (6 val images, one answer for all): on a cross-validation
+    fold of 5, the top1-beta map had no finite optimum and e^β overflowed, so `toolkit export`
+    stopped. These are that fold's logits."""
+    logits = torch.tensor(
+        [
+            [-0.1440, 0.2183, -0.1322],
+            [-0.1595, 0.2196, -0.1287],
+            [-0.1573, 0.2249, -0.1319],
+            [-0.2203, 0.1721, -0.1242],
+            [-0.2226, 0.1755, -0.1250],
+        ]
+    )
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    calibrator = fit_calibrator("top1-beta", logits, labels)
+    assert all(np.isfinite(calibrator.params))
+    probs = calibrator.probs(logits)
+    assert torch.isfinite(probs).all() and torch.equal(probs.argmax(1), logits.argmax(1))
+    chosen, _ = choose_calibrator(torch.cat([logits, logits[:1]]), torch.cat([labels, labels[:1]]))
+    assert torch.isfinite(chosen.probs(logits)).all()
+
+
 def test_the_choice_is_the_best_cross_validated_ece_on_val_with_no_worse_nll():
     logits, labels = top1_distorted(2000, seed=6)
     chosen, choice = choose_calibrator(logits, labels)

@@ -143,8 +143,41 @@ def test_download_failure_names_the_alternatives(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    monkeypatch.setattr("toolkit.data.sources.unreachable", lambda url: None)
     with pytest.raises(ToolkitError, match="could not download cifar10.*--data-dir"):
         load_data(DataOptions(data_root=str(tmp_path)))
+
+
+def test_an_unreachable_host_is_said_before_any_download(tmp_path, monkeypatch):
+    """One short probe of the archive's host: a packet-dropping firewall costs seconds, not
+    the kernel's TCP timeout."""
+    import torchvision.datasets.utils as tvu
+
+    probed = []
+
+    def never(*args, **kwargs):
+        raise AssertionError("downloaded although the host was unreachable")
+
+    def probe(url):
+        probed.append(url)
+        return "www.cs.toronto.edu:443: Connection timed out"
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", never)
+    monkeypatch.setattr("toolkit.data.sources.unreachable", probe)
+    with pytest.raises(ToolkitError, match="cannot reach www.cs.toronto.edu:443.*--data-dir"):
+        load_data(DataOptions(data_root=str(tmp_path)))
+    assert probed and probed[0].startswith("https://www.cs.toronto.edu/")
+
+
+def test_a_stalled_download_times_out():
+    import socket
+
+    from toolkit.network import stall_timeout
+
+    before = socket.getdefaulttimeout()
+    with stall_timeout(7.0):
+        assert socket.getdefaulttimeout() == 7.0
+    assert socket.getdefaulttimeout() == before
 
 
 def test_download_uses_torchvisions_checked_archive(tmp_path, monkeypatch):
@@ -158,6 +191,7 @@ def test_download_uses_torchvisions_checked_archive(tmp_path, monkeypatch):
         write_stl10_binary(tmp_path, train=10, test=10)
 
     monkeypatch.setattr(tvu, "download_and_extract_archive", fake_download)
+    monkeypatch.setattr("toolkit.data.sources.unreachable", lambda url: None)
     bundle = load_data(DataOptions(dataset="stl10", data_root=str(tmp_path)))
     assert calls == [(tvd.STL10.url, tvd.STL10.filename, tvd.STL10.tgz_md5)]
     assert len(bundle.test) == 10

@@ -4,6 +4,7 @@ keeps the model's shape everywhere an image is prepared."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from serving.classifier import OnnxClassifier
-from serving.preprocess import center_crop, prepare, preprocessing_rules
+from serving.preprocess import Resize, center_crop, prepare, preprocessing_rules
 from tests.synthetic import class_images
 from toolkit.cli import app
 from toolkit.data.specs import parse_size, size_label
@@ -45,6 +46,38 @@ def test_the_crop_keeps_the_models_shape_and_squares_are_as_before():
     assert preprocessing_rules((32, 32))["crop"] == "center-square"
     assert preprocessing_rules((32, 48))["crop"] == "center-aspect"
     assert size_label((32, 48)) == "48x32" and size_label((32, 32)) == "32"
+
+
+def test_a_crop_fraction_keeps_the_centre_then_resizes_with_the_named_filter():
+    """timm's crop_pct: 0.5 of a 40x40 image keeps its centred 20x20, which a 20 px model
+    then takes unresized; the filter changes the pixels of an image that is resized."""
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    assert np.array_equal(prepare(image, Resize((20, 20), crop_fraction=0.5)), pixels[10:30, 10:30])
+    bilinear, bicubic = prepare(image, 16), prepare(image, Resize((16, 16), "bicubic"))
+    assert not np.array_equal(bilinear, bicubic)
+    assert np.array_equal(bicubic, np.asarray(image.resize((16, 16), Image.Resampling.BICUBIC)))
+
+
+def test_resize_rules_round_trip_and_unknown_ones_are_refused():
+    resize = Resize((32, 48), "bicubic", 0.875)
+    rules = json.loads(json.dumps(resize.rules()))  # as the metadata stores them
+    assert Resize.from_rules((32, 48), rules) == resize
+    assert Resize((32, 32)).rules() == preprocessing_rules((32, 32))  # no new key by default
+    assert "crop_fraction" not in Resize((32, 32)).rules()
+    for changed in ({"resize": "area"}, {"crop": "border"}, {"extra": 1}, {"crop_fraction": 0}):
+        with pytest.raises(ValueError):
+            Resize.from_rules((32, 48), {**rules, **changed})
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"), [({"interpolation": "area"}, "area"), ({"crop_fraction": 0.0}, "(0, 1]")]
+)
+def test_a_wrong_resize_flag_is_one_line(flags, says):
+    from toolkit.data import DataOptions
+
+    with pytest.raises(ToolkitError, match=re.escape(says)):
+        DataOptions(**flags)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

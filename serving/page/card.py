@@ -44,7 +44,7 @@ def card_markdown(model: ServedModel) -> str:
         *tta_rows(info, model.metrics),
         *calibration_rows(info, model.metrics),
         *audit_rows(model.metrics, model.failures),
-        ("input", "{1}×{0} px RGB (width × height)".format(*model.classifier.input_size)),
+        ("input", input_row(model.classifier.resize)),
         ("toolkit", str(info.get("toolkit_version", "?"))),
     ]
     rows += report_rows(model.report, int8=model.precision == "int8")
@@ -54,6 +54,17 @@ def card_markdown(model: ServedModel) -> str:
         f"### {model.dataset} · {model.model}\n\n| property | value |\n|---|---|\n{table}\n\n"
         f"Classes: {classes}"
     )
+
+
+def input_row(resize) -> str:
+    """The input size, and how an upload is brought to it when that is not the default."""
+    height, width = resize.size
+    text = f"{width}×{height} px RGB (width × height)"
+    if resize.crop_fraction != 1.0:
+        text += f", centred {resize.crop_fraction:.1%} of each side kept"
+    if resize.interpolation != "bilinear":
+        text += f", {resize.interpolation} resize"
+    return text
 
 
 def audit_rows(metrics: dict, failures: list) -> list[tuple[str, str]]:

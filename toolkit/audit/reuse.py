@@ -43,6 +43,15 @@ def _check_classes(classes: list[str], rows: Rows, path: Path) -> None:
         )
 
 
+def _check_resize(interpolation: str, crop_fraction: float, rows: Rows, model: Path) -> None:
+    """The audit decodes the images as the model was trained to see them, or says how to."""
+    if (interpolation, crop_fraction) != (rows.bundle.interpolation, rows.bundle.crop_fraction):
+        raise ToolkitError(
+            f"--model '{model}' was trained on images resized with --interpolation "
+            f"{interpolation} --crop-fraction {crop_fraction:g}; audit with the same flags"
+        )
+
+
 def _run_outputs(run: Path, rows: Rows, device: str):
     from toolkit.audit.crossval import checkpoint_outputs
     from toolkit.run.checkpoint import Checkpoint
@@ -55,6 +64,7 @@ def _run_outputs(run: Path, rows: Rows, device: str):
             f"--model '{run}' was trained at {size_label(size)}px; audit at the same size "
             f"(--image-size {size_label(size)})"
         )
+    _check_resize(ckpt.resize.interpolation, ckpt.resize.crop_fraction, rows, run)
     return checkpoint_outputs(ckpt, rows, device, "the given model")
 
 
@@ -91,6 +101,7 @@ def onnx_outputs(path: Path, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
             f"--model '{path}' takes {size_label(classifier.input_size)} px images; audit at "
             f"that size (--image-size {size_label(classifier.input_size)})"
         )
+    _check_resize(classifier.resize.interpolation, classifier.resize.crop_fraction, rows, path)
     data, embedding = _with_embedding_output(model)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     # The raw logits when the graph has them, as with a checkpoint: the audit's probabilities

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serving.preprocess import Resize
 from toolkit.atomic import atomic_torch_save
 from toolkit.data.mapped import MappedImages, chunks
 from toolkit.data.specs import DatasetSpec, size_label
@@ -27,16 +28,19 @@ SPLITS = ("train", "val", "test")
 
 
 def cache_path(
-    data_root: Path, spec: DatasetSpec, source: dict, size: tuple[int, int], listing: str
+    data_root: Path, spec: DatasetSpec, source: dict, resize: Resize, listing: str
 ) -> Path:
-    """Where the tensors of `source` at `size` with this file `listing` are cached.
+    """Where the tensors of `source` resized by `resize` with this file `listing` are cached.
 
     The bad-file policy is not part of the key: a cache holds the images that decoded *and*
     the list of bad files, so "fail" and "skip" read the same entry and each applies its own
     rule (and the `--bad-files skip` rerun that a failure suggests starts from the cache).
     """
-    # A square size is written as one number, as before non-square sizes: old caches stay valid.
-    label = size_label(size)
+    # A square size is written as one number, as before non-square sizes, and the default
+    # resize adds nothing, as before pretrained preprocessing: old caches stay valid.
+    label = size_label(resize.size)
+    if (resize.interpolation, resize.crop_fraction) != ("bilinear", 1.0):
+        label += f"-{resize.interpolation}-crop{resize.crop_fraction:g}"
     key = hashlib.sha1(f"{CACHE_VERSION}|{spec.name}|{source}|{label}|{listing}".encode())
     return data_root / "cache" / f"{spec.name}-{source['kind']}-{label}px-{key.hexdigest()[:16]}.pt"
 

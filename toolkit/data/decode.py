@@ -1,7 +1,7 @@
 """Decoding image files into uint8 arrays, and what to do with the files that do not decode.
 
 Every image goes through serving.preprocess.prepare (EXIF orientation, any mode to RGB,
-centre-crop, bilinear resize): the same code that prepares an upload for a served model.
+centre-crop, the run's `Resize`): the same code that prepares an upload for a served model.
 A file that cannot be decoded (missing, empty, not an image, truncated, damaged) raises
 `UnreadableImage`, which names the file and says why in a few words (`reason`), so a whole
 split is decoded in one pass and every bad file is listed at once (`decode_listed`); the
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from serving.preprocess import prepare
+from serving.preprocess import Resize, prepare
 from toolkit.data.listing import Listed
 from toolkit.data.mapped import MappedImages
 from toolkit.errors import ToolkitError, first_line
@@ -40,12 +40,12 @@ class UnreadableImage(ToolkitError):
         self.path, self.reason = path, reason
 
 
-def load_image(path: Path, size: int | tuple[int, int]) -> np.ndarray:
+def load_image(path: Path, resize: Resize | int | tuple[int, int]) -> np.ndarray:
     """Read a file -> H×W×3 uint8; any decoding problem is an UnreadableImage naming the file."""
     try:
         with Image.open(path) as image:
             image.seek(0)  # first frame of an animation
-            return prepare(image, size)
+            return prepare(image, resize)
     except Exception as exc:
         # Pillow's format plugins raise many types on malformed input (OSError and its
         # UnidentifiedImageError, SyntaxError, ValueError, EOFError, struct.error, ...): a data
@@ -81,22 +81,22 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def resize_array(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_array(images: np.ndarray, resize: Resize) -> np.ndarray:
     """N×C×H×W uint8 -> N×C×height×width with the same PIL rules as image files."""
-    if tuple(images.shape[-2:]) == tuple(size):
+    if tuple(images.shape[-2:]) == resize.size and resize.crop_fraction == 1.0:
         return images
-    out = np.empty((len(images), images.shape[1], *size), dtype=np.uint8)
+    out = np.empty((len(images), images.shape[1], *resize.size), dtype=np.uint8)
     for i, chw in enumerate(images):
-        out[i] = prepare(Image.fromarray(chw.transpose(1, 2, 0)), size).transpose(2, 0, 1)
+        out[i] = prepare(Image.fromarray(chw.transpose(1, 2, 0)), resize).transpose(2, 0, 1)
     return out
 
 
 # --- a whole split at once ------------------------------------------------------------------
 
 
-def _decode_one(path: Path, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+def _decode_one(path: Path, resize: Resize) -> tuple[np.ndarray | None, str | None]:
     try:
-        return load_image(path, size), None
+        return load_image(path, resize), None
     except UnreadableImage as exc:
         return None, exc.reason
 
@@ -111,7 +111,7 @@ def in_memory(split: str, count: int, size: tuple[int, int]) -> np.ndarray:
 
 
 def decode_files(
-    paths: list[Path], size: tuple[int, int], what: str, out: np.ndarray | None = None
+    paths: list[Path], resize: Resize, what: str, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Decode many files in parallel threads (PIL releases the GIL while decoding) into `out`
     (default: a new array).
@@ -119,7 +119,7 @@ def decode_files(
     Returns the images that decoded, in order, and {index: why} for the files that did not:
     one pass finds every bad file.
     """
-    out = in_memory("", len(paths), size) if out is None else out
+    out = in_memory("", len(paths), resize.size) if out is None else out
     kept = 0  # images are written in order, bad files leave no gap
     failures: dict[int, str] = {}
     with (
@@ -128,7 +128,7 @@ def decode_files(
     ):
         for start in range(0, len(paths), DECODE_CHUNK):
             block = paths[start : start + DECODE_CHUNK]
-            for i, (array, why) in enumerate(pool.map(lambda p: _decode_one(p, size), block)):
+            for i, (array, why) in enumerate(pool.map(lambda p: _decode_one(p, resize), block)):
                 if why is None:
                     out[kept] = array.transpose(2, 0, 1)
                     kept += 1
@@ -139,14 +139,14 @@ def decode_files(
 
 
 def decode_listed(
-    listed: dict[str, Listed], size: tuple[int, int], root: Path, allocate: Allocate = in_memory
+    listed: dict[str, Listed], resize: Resize, root: Path, allocate: Allocate = in_memory
 ) -> dict:
     """Decode every split; the result also holds every bad file found, as 'where: why', and
     each decoded image's file relative to `root` (`paths`: what an audit reports)."""
     out, bad, paths = {}, [], {}
     for split, entry in listed.items():
-        target = allocate(split, len(entry.paths), size)
-        images, failures = decode_files(entry.paths, size, f"{split} images", target)
+        target = allocate(split, len(entry.paths), resize.size)
+        images, failures = decode_files(entry.paths, resize, f"{split} images", target)
         labels = np.delete(entry.labels, list(failures))
         paths[split] = [
             relative_name(p, root) for i, p in enumerate(entry.paths) if i not in failures

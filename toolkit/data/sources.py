@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serving.preprocess import Resize
 from toolkit.data import cache
 from toolkit.data.carve import TEST_SEED, carve, check_enough_per_class
 from toolkit.data.decode import (
@@ -73,6 +74,7 @@ from toolkit.data.specs import (
     spec_for_classes,
 )
 from toolkit.errors import ToolkitError
+from toolkit.network import stall_timeout, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +98,20 @@ def download_official(spec: DatasetSpec, root: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
     cls = getattr(tvd, DOWNLOADS[spec.name][2])
+    instead = (
+        "Connect to the internet and retry, or pass --data-dir DIR (train/, optional val/ and "
+        "test/, one sub-folder per class) or --splits DIR (train.txt, ...)"
+    )
+    problem = unreachable(cls.url)
+    if problem:
+        raise ToolkitError(f"could not download {spec.name}: cannot reach {problem}. {instead}")
     log.info("downloading %s from %s into %s", spec.name, cls.url, root)
     try:
-        download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
-    except Exception as exc:  # no network, proxy, disk full...
+        with stall_timeout():
+            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+    except Exception as exc:  # a dropped connection, a stall, a proxy, a full disk...
         raise ToolkitError(
-            f"could not download {spec.name} into '{root}' ({type(exc).__name__}: {exc}). "
-            f"Connect to the internet and retry, or pass --data-dir DIR (train/, optional "
-            f"val/ and test/, one sub-folder per class) or --splits DIR (train.txt, ...)"
+            f"could not download {spec.name} into '{root}' ({type(exc).__name__}: {exc}). {instead}"
         ) from exc
 
 
@@ -141,7 +149,7 @@ def _dataset_of(options: DataOptions, kind: str, path: Path) -> DatasetSpec:
     return get_spec(options.dataset)
 
 
-def _build_official(spec: DatasetSpec, root: Path, size: tuple[int, int], download: bool):
+def _build_official(spec: DatasetSpec, root: Path, resize: Resize, download: bool):
     folder_name, reader, _ = DOWNLOADS[spec.name]
     folder = root / folder_name
     if not folder.is_dir():
@@ -161,7 +169,7 @@ def _build_official(spec: DatasetSpec, root: Path, size: tuple[int, int], downlo
     files = sorted(p for p in folder.iterdir() if p.is_file())
     listing = cache.listing_key(files)
     return listing, lambda: {
-        split: as_tensors(resize_array(x, size), y) for split, (x, y) in arrays.items()
+        split: as_tensors(resize_array(x, resize), y) for split, (x, y) in arrays.items()
     }
 
 
@@ -197,22 +205,23 @@ def load_data(options: DataOptions, seed: int = 0) -> DataBundle:
     size = parse_size(options.image_size or spec.default_size)  # (height, width)
     if min(size) < 8:
         raise ToolkitError(f"--image-size must be at least 8 px a side, got {size_label(size)}")
+    resize = options.resize(size)
     if source["kind"] == "official":
-        listing, build = _build_official(spec, data_root, size, options.download)
-        file = cache.cache_path(data_root, spec, source, size, listing)
+        listing, build = _build_official(spec, data_root, resize, options.download)
+        file = cache.cache_path(data_root, spec, source, resize, listing)
     else:
         lister = _list_folder if source["kind"] == "folder" else _list_splits
         listing, listed = lister(spec, path)
-        file = cache.cache_path(data_root, spec, source, size, listing)
+        file = cache.cache_path(data_root, spec, source, resize, listing)
         allocate = _allocator(file, listed, size, options.memory_gb)
-        build = lambda: decode_listed(listed, size, path, allocate)  # noqa: E731
+        build = lambda: decode_listed(listed, resize, path, allocate)  # noqa: E731
 
     tensors = cache.load_or_build(file, build)
     # Caches from before bad files were recorded hold none: they were only written when
     # every listed file decoded.
     bad = list(tensors.get("bad_files", []))
     apply_bad_file_policy(bad, options.bad_files)
-    return _carved_bundle(tensors, options, spec, size, source, seed, tuple(bad))
+    return _carved_bundle(tensors, options, spec, resize, source, seed, tuple(bad))
 
 
 def _allocator(
@@ -239,7 +248,7 @@ def _allocator(
     return on_disk
 
 
-def _carved_bundle(tensors, options, spec, size, source, seed, bad) -> DataBundle:
+def _carved_bundle(tensors, options, spec, resize, source, seed, bad) -> DataBundle:
     """The bundle, with test and val carved from train where the source has none."""
     images, labels = tensors["train"]
     carved = [s for s in ("test", "val") if s not in tensors]
@@ -270,7 +279,9 @@ def _carved_bundle(tensors, options, spec, size, source, seed, bad) -> DataBundl
     train = Split(take(images, keep), labels[keep]) if carved else Split(images, labels)
     return DataBundle(
         spec=spec,
-        image_size=recorded_size(size),
+        image_size=recorded_size(resize.size),
+        interpolation=resize.interpolation,
+        crop_fraction=resize.crop_fraction,
         train=train,
         val=parts["val"],
         test=parts["test"],

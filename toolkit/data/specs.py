@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from serving.preprocess import Resize
 from toolkit.errors import ToolkitError
 from toolkit.options import option
 
@@ -123,6 +124,16 @@ class DataOptions:
         "to its shape and resized to it, as the app does (default 32; STL-10's native size "
         "is 96; a pretrained model's own with --pretrained).",
     )
+    interpolation: str | None = option(
+        None,
+        "Resize filter: bilinear, bicubic, nearest or lanczos (default bilinear; a "
+        "pretrained model's own with --pretrained).",
+    )
+    crop_fraction: float | None = option(
+        None,
+        "Centred share of each side kept before resizing, as timm's crop_pct (default 1: "
+        "the whole centre crop; a pretrained model's own with --pretrained, often 0.875).",
+    )
     val_fraction: float = option(
         0.1,
         "Stratified share of train held out as val, when the source has no val split; 0: "
@@ -153,10 +164,23 @@ class DataOptions:
     def __post_init__(self):
         if self.image_size is not None:  # one spelling per size: 96 and "96" are one config
             object.__setattr__(self, "image_size", size_option(parse_size(self.image_size)))
+        try:
+            self.resize((32, 32))
+        except ValueError as exc:
+            raise ToolkitError(f"--interpolation / --crop-fraction: {exc}") from exc
         if self.bad_files not in BAD_FILE_POLICIES:
             raise ToolkitError(
                 f"--bad-files must be {' or '.join(BAD_FILE_POLICIES)}, got '{self.bad_files}'"
             )
+
+    def resize(self, size: tuple[int, int]) -> Resize:
+        """How images are brought to `size` (height, width): these options, else the
+        defaults (bilinear, the whole centre crop)."""
+        return Resize(
+            tuple(size),
+            self.interpolation or "bilinear",
+            1.0 if self.crop_fraction is None else self.crop_fraction,
+        )
 
 
 def parse_size(value) -> tuple[int, int]:
@@ -218,6 +242,9 @@ class DataBundle:
     fingerprint: str
     val_is_carved: bool
     test_is_carved: bool = False
+    # How the images were resized (serving.preprocess.Resize): the export's rules come from here.
+    interpolation: str = "bilinear"
+    crop_fraction: float = 1.0
     skipped: tuple[str, ...] = ()  # bad files left out under --bad-files skip: 'where: why'
     # Each image's file, split by split (toolkit.data.sources.source_names): not part of the
     # data's identity (the fingerprint is the pixels), but what an audit finding names.
@@ -231,6 +258,8 @@ class DataBundle:
             "mean": list(self.mean),
             "std": list(self.std),
             "image_size": self.image_size,
+            "interpolation": self.interpolation,
+            "crop_fraction": self.crop_fraction,
             "source": self.source,
             "fingerprint": self.fingerprint,
             "test_is_carved": self.test_is_carved,

@@ -41,6 +41,7 @@ STRICTNESS = 1e-3
 # The runner-up, rescaled, stays this much (relatively) below the top-1: rounding cannot tie.
 ARGMAX_MARGIN = 1e-4
 EM_STEPS = 500  # the ensemble weights' NLL is convex; EM reaches its minimum to ~1e-6 by then
+BETA_BOUND = 10.0  # |α|, |β| of the top1-beta map: a and b within e^±10
 
 
 @dataclass(frozen=True)
@@ -198,16 +199,23 @@ def _beta_params(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, floa
     theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # α, β, m
     optimizer = torch.optim.LBFGS([theta], max_iter=200, line_search_fn="strong_wolfe")
 
+    def bounded(theta):
+        # A val set the model gets all right (or all wrong) has no finite optimum: α, β and m
+        # would run off until e^α overflows. Past these bounds the map is a step anyway.
+        return theta[:2].clamp(-BETA_BOUND, BETA_BOUND), theta[2].clamp(-50.0, 50.0)
+
     def loss():
         optimizer.zero_grad()
-        z = features @ theta[:2].exp() + theta[2]
+        log_ab, shift = bounded(theta)
+        z = features @ log_ab.exp() + shift
         value = torch.nn.functional.binary_cross_entropy_with_logits(z, correct)
         value.backward()
         return value
 
     optimizer.step(loss)
-    alpha, beta, m = theta.detach().tolist()
-    return math.exp(alpha), math.exp(beta), m
+    log_ab, shift = bounded(theta.detach())
+    alpha, beta = log_ab.tolist()
+    return math.exp(alpha), math.exp(beta), float(shift)
 
 
 def _top1_knots(probs: torch.Tensor, labels: torch.Tensor) -> tuple[tuple[float, float], ...]:

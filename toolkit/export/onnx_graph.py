@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from serving.classifier import parse_metadata
-from serving.preprocess import preprocessing_rules
 from toolkit.data.specs import parse_size
 from toolkit.errors import ToolkitError, error_summary, first_line
 from toolkit.evaluate.calibrators import Calibrator
@@ -198,7 +197,7 @@ def build_metadata(
         # metadata is JSON, which has no NaN.
         "val_accuracy": None if math.isnan(ckpt.best_val_acc) else float(ckpt.best_val_acc),
         "toolkit_version": __version__,
-        "preprocessing": preprocessing_rules(size),
+        "preprocessing": ckpt.resize.rules(),
         **calibration_metadata(calibration),
     }
     if test_accuracy is not None:

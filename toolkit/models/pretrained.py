@@ -17,27 +17,26 @@ and left fresh is what config.json records.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import timm
 import torch
-from timm.models import get_pretrained_cfg
+from timm.models import PretrainedCfg, get_pretrained_cfg
 from torch import nn
 
 from toolkit.errors import ToolkitError, error_summary
 from toolkit.models.registry import TIMM_PREFIX
 from toolkit.models.timm_backbones import build_timm, split_name
+from toolkit.network import PROBE_SECONDS, unreachable
 
 # What timm looks for in a hub repository, in its order (timm.models._hub).
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-PROBE_SECONDS = 5.0  # one connection attempt to the hub before a download
 TRUE_WORDS = ("1", "true", "yes", "on")
 # Where the weights of a timm training checkpoint sit (timm's train.py writes these).
 CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
@@ -52,21 +51,26 @@ class Weights:
     config: dict  # timm's pretrained config: mean, std, input_size, interpolation, crop_pct
 
     def preprocessing(self) -> dict:
-        """What the run adopts from the weights: the mean/std the network was trained to
-        expect, and its input size (unless --image-size says otherwise)."""
-        return {
+        """What the run adopts from the weights (unless its flags say otherwise): the mean/std
+        the network was trained to expect, its input size, resize filter and crop fraction."""
+        adopted = {
             "mean": list(self.config["mean"]),
             "std": list(self.config["std"]),
             "input_size": list(self.config["input_size"][1:]),
-            "from": f"timm's pretrained config of {self.config['architecture']}"
-            + (f".{self.config['tag']}" if self.config.get("tag") else ""),
-            # The weights' own resize and crop, which the toolkit does not apply: it keeps
-            # one preprocessing (bilinear, the largest centred crop) for training and serving.
-            "not_applied": {
-                "interpolation": self.config.get("interpolation"),
-                "crop_pct": self.config.get("crop_pct"),
-            },
+            "interpolation": self.config.get("interpolation") or "bilinear",
+            "crop_fraction": float(self.config.get("crop_pct") or 1.0),
+            "from": self._described(),
         }
+        if self.config.get("crop_mode", "center") != "center":
+            # timm's "squash" and "border" modes: the toolkit crops the centre, always.
+            adopted["not_applied"] = {"crop_mode": self.config["crop_mode"]}
+        return adopted
+
+    def _described(self) -> str:
+        if self.config.get("toolkit_checkpoint"):
+            return f"the toolkit run of {self.config['toolkit_checkpoint']}"
+        tag = f".{self.config['tag']}" if self.config.get("tag") else ""
+        return f"timm's pretrained config of {self.config['architecture']}{tag}"
 
 
 def resolve(model: str, pretrained: str) -> Weights:
@@ -83,7 +87,8 @@ def resolve(model: str, pretrained: str) -> Weights:
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise ToolkitError(f"--pretrained: no file '{path}'")
-        return Weights("file", str(path.resolve()), _config(arch, tag, required=False))
+        config = _toolkit_run_config(path, arch) or _config(arch, tag, required=False)
+        return Weights("file", str(path.resolve()), config)
     if pretrained not in ("", arch):
         tag = pretrained.removeprefix(TIMM_PREFIX).removeprefix(f"{arch}.")
     config = _config(arch, tag, required=True)
@@ -123,6 +128,44 @@ def _config(arch: str, tag: str, required: bool) -> dict:
             "num_classes": 1000,
         }
     return cfg.to_dict()
+
+
+def _toolkit_run_config(path: Path, arch: str) -> dict | None:
+    """For a toolkit checkpoint, the pretrained config its run implies: the classes it was
+    trained for and the mean/std, size and resize it was trained with (not timm's ImageNet
+    defaults); None for any other file."""
+    if path.suffix not in PICKLE_SUFFIXES:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: read_weights_file says why, in its one line
+        return None
+    if not (isinstance(raw, dict) and raw.get("format") == "toolkit-checkpoint"):
+        return None
+    from toolkit.run.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.from_dict(raw, path)
+    trained = ckpt.model["name"]
+    if not trained.startswith(TIMM_PREFIX) or split_name(trained)[0] != arch:
+        raise ToolkitError(
+            f"--pretrained: '{path}' is a toolkit checkpoint of {trained}, not of {arch}; "
+            f"train {trained} --init-from it, or pass weights of {arch}"
+        )
+    ds, resize = ckpt.dataset, ckpt.resize
+    return {
+        **_config(arch, "", required=False),
+        "tag": "",
+        "toolkit_checkpoint": str(path.resolve()),
+        "num_classes": len(ds["classes"]),
+        "mean": tuple(ds["mean"]),
+        "std": tuple(ds["std"]),
+        "input_size": (3, *resize.size),
+        "interpolation": resize.interpolation,
+        "crop_pct": resize.crop_fraction,
+        "crop_mode": "center",
+    }
 
 
 # --- reading the tensors ---------------------------------------------------------------------
@@ -241,19 +284,6 @@ def hub_file(weights: Weights) -> Path:
     raise ToolkitError(f"{repo} holds none of {', '.join(files)}; pass --pretrained FILE")
 
 
-def unreachable(url: str) -> str | None:
-    """Why `url`'s host (or the HTTPS proxy in the environment) cannot be connected to within
-    PROBE_SECONDS; None when it can."""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlparse(proxy if proxy else url)
-    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
-    except OSError as exc:
-        return f"{host}:{port}: {exc.strerror or type(exc).__name__}"
-    return None
-
-
 # --- into the network ------------------------------------------------------------------------
 
 
@@ -277,7 +307,7 @@ def load_pretrained(
             model_info["in_channels"],
             dropout,
             pretrained=True,
-            pretrained_cfg_overlay={**weights.config, "state_dict": state},
+            pretrained_cfg_overlay={**_timm_fields(weights.config), "state_dict": state},
         )
         net.load_state_dict(adapted.state_dict())
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -302,6 +332,12 @@ def load_pretrained(
         "fresh": fresh,
         "preprocessing": weights.preprocessing(),
     }
+
+
+def _timm_fields(config: dict) -> dict:
+    """The entries of `config` that timm's PretrainedCfg has (it refuses any other)."""
+    fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    return {k: v for k, v in config.items() if k in fields}
 
 
 def _head_names(config: dict) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 
 from serving.classifier import OnnxClassifier
-from serving.preprocess import prepare
+from serving.preprocess import Resize, prepare
 from serving.uploads import ImageError, open_upload
 from toolkit import seams
 from toolkit.errors import ToolkitError, first_line
@@ -75,7 +75,7 @@ def predict(
     k = min(top_k, len(classifier.classes))
     truths = true_labels(paths, classifier.classes)
     chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
-    decode = _Decoder(classifier.input_size)
+    decode = _Decoder(classifier.resize)
     out: list[Prediction] = []
     skipped = 0
     no_probs = np.empty((0, len(classifier.classes)), np.float32)
@@ -96,8 +96,8 @@ def predict(
 class _Decoder:
     """A batch of files -> (N×H×W×3 uint8 of the good ones, each file's error or None)."""
 
-    def __init__(self, size: tuple[int, int]):
-        self.size = size
+    def __init__(self, resize: Resize):
+        self.resize = resize
 
     def __call__(self, paths: Sequence[Path]) -> tuple[np.ndarray, list[str | None]]:
         images, errors = [], []
@@ -108,7 +108,7 @@ class _Decoder:
             else:
                 errors.append(None)
                 images.append(result)
-        shape = (0, *self.size, 3)
+        shape = (0, *self.resize.size, 3)
         return (np.stack(images) if images else np.empty(shape, np.uint8)), errors
 
     def one(self, path: Path) -> np.ndarray | str:
@@ -118,7 +118,7 @@ class _Decoder:
                 return "is not a regular file"
             if info.st_size > MAX_FILE_BYTES:
                 return f"is {info.st_size / 1e6:,.0f} MB, more than any image this reads"
-            return prepare(open_upload(path, name="the file"), self.size)
+            return prepare(open_upload(path, name="the file"), self.resize)
         except ImageError as exc:
             return str(exc)
         except OSError as exc:

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from serving.preprocess import Resize
+from toolkit.data.specs import parse_size
 from toolkit.errors import ToolkitError, error_summary
 from toolkit.models import NormalizedClassifier, create_model
 from toolkit.version import __version__
@@ -62,6 +64,17 @@ class Checkpoint:
     scheduler: dict
     scaler: dict | None = None
     toolkit_version: str = __version__
+
+    @property
+    def resize(self) -> Resize:
+        """How its images were resized; checkpoints from before pretrained preprocessing used
+        the defaults."""
+        ds = self.dataset
+        return Resize(
+            parse_size(ds["image_size"]),
+            ds.get("interpolation", "bilinear"),
+            ds.get("crop_fraction", 1.0),
+        )
 
     @property
     def fingerprint(self) -> str:

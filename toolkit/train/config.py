@@ -99,8 +99,8 @@ class TrainConfig:
     # what it learns: config.json's "engine" block records what they resolved to.
     recipe: str | None = option(
         None,
-        "default (modern, fast), seed (the reference), finetune (AdamW, warm-up, a slower "
-        "backbone, resized crops: the default with --pretrained); speedrun only: airbench94 "
+        "default (modern, fast), seed (the reference), finetune (AdamW, warm-up, resized "
+        "crops: the default with --pretrained); speedrun only: airbench94 "
         "(its SGD recipe) or muon (Muon for the filters, 0.82x the samples).",
     )
     model_options: dict = field(default_factory=dict)  # ModelOptions the model takes
@@ -169,8 +169,9 @@ class TrainConfig:
         """What `toolkit train MODEL --recipe RECIPE [flags]` builds: the model's options
         checked against the registry, the recipe's values, then every flag that is not None
         (`flags` are TrainConfig fields). No recipe: finetune with --pretrained, else
-        default. --pretrained also brings the weights' mean/std, and their input size
-        unless --image-size is given."""
+        default. --pretrained also brings the weights' mean/std, and their input size, resize
+        filter and crop fraction unless --image-size, --interpolation, --crop-fraction say
+        otherwise."""
         # The registry builds torch modules: imported when a config is made, so reading the
         # declarations (the CLI) needs no torch.
         from toolkit.models import resolve_options
@@ -186,9 +187,15 @@ class TrainConfig:
             weights = _pretrained_weights(model, others["pretrained"])
             others["pretrained"] = weights.where  # the tag, or the file's absolute path
             others["normalization"] = weights.preprocessing()
-            if data.image_size is None:
-                size = tuple(others["normalization"]["input_size"])
-                data = dataclasses.replace(data, image_size=size_option(size))
+            adopted = others["normalization"]
+            data = dataclasses.replace(
+                data,
+                image_size=data.image_size or size_option(tuple(adopted["input_size"])),
+                interpolation=data.interpolation or adopted["interpolation"],
+                crop_fraction=(
+                    adopted["crop_fraction"] if data.crop_fraction is None else data.crop_fraction
+                ),
+            )
         recipe = recipe or ("finetune" if others.get("pretrained") else "default")
         return cls(
             model=model,
