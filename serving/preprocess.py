@@ -100,10 +100,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def center_crop(image: Image.Image, aspect: float = 1.0) -> Image.Image:
-    """The largest centred crop of width / height `aspect` (a square by default)."""
+def center_crop(image: Image.Image, aspect: float = 1.0, fraction: float = 1.0) -> Image.Image:
+    """The centred `fraction` of each side of the largest centred crop of width / height
+    `aspect` (a square, whole, by default)."""
     w, h = image.size
     crop_w, crop_h = min(w, round(h * aspect)), min(h, round(w / aspect))
+    if fraction != 1.0:
+        crop_w, crop_h = max(1, round(crop_w * fraction)), max(1, round(crop_h * fraction))
     if (crop_w, crop_h) == (w, h):
         return image
     left, top = (w - crop_w) // 2, (h - crop_h) // 2
@@ -115,13 +118,8 @@ def prepare(image: Image.Image, size: int | tuple[int, int] | Resize) -> np.ndar
     if not isinstance(size, Resize):
         size = Resize((size, size) if isinstance(size, int) else tuple(size))
     height, width = size.size
-    image = center_crop(to_rgb(ImageOps.exif_transpose(image) or image), width / height)
-    if size.crop_fraction != 1.0:
-        w, h = image.size
-        keep_w = max(1, round(w * size.crop_fraction))
-        keep_h = max(1, round(h * size.crop_fraction))
-        left, top = (w - keep_w) // 2, (h - keep_h) // 2
-        image = image.crop((left, top, left + keep_w, top + keep_h))
+    image = to_rgb(ImageOps.exif_transpose(image) or image)
+    image = center_crop(image, width / height, size.crop_fraction)
     if image.size != (width, height):
         image = image.resize((width, height), INTERPOLATIONS[size.interpolation])
     return np.asarray(image, dtype=np.uint8)
