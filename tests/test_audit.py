@@ -19,6 +19,7 @@ from toolkit.audit import AuditOptions, audit_data, find_audit
 from toolkit.audit.findings import COLUMNS
 from toolkit.cli import app
 from toolkit.data import DataOptions
+from toolkit.errors import ToolkitError
 
 CLASSES = ("apple", "bean", "cherry")
 runner = CliRunner()
@@ -241,6 +242,14 @@ def test_a_run_as_the_model_checks_val_and_test_labels_only(planted, planted_run
     assert found and {f.suggested_label for f in found} == {"cherry"}
     leaks = {f.path for f in result.findings if f.leaks_into_train}
     assert {truth["exact_cross"][0], truth["near_cross"][0]} <= leaks
+
+
+def test_a_model_trained_on_other_resized_images_is_refused(planted, planted_run, tmp_path):
+    root, _ = planted
+    data_root = json.loads((planted_run / "config.json").read_text())["data"]["data_root"]
+    data = DataOptions(data_dir=str(root), data_root=data_root, interpolation="bicubic")
+    with pytest.raises(ToolkitError, match="--interpolation bilinear --crop-fraction 1; audit"):
+        audit_data(data, AuditOptions(out=str(tmp_path / "audit"), model=str(planted_run)))
 
 
 def test_evaluate_reports_both_accuracies_and_marks_doubtful_failures(

@@ -107,6 +107,7 @@ def test_config_json_records_the_resolved_engine(cifar_folder, tmp_path):
     assert engine["channels_last"] is True and engine["cudnn_benchmark"] is False
     assert engine["heap_kept"] is (sys.platform == "linux")
     assert engine["device"] == "cpu" and engine["distributed_backend"] is None
+    assert engine["eval_batch_size"] == 256  # the CPU's (engine.eval_batch_size)
     ckpt = Checkpoint.load(run / "last.pt")
     assert all(t.dtype != torch.bfloat16 for t in ckpt.state_dict.values())
 
@@ -233,6 +234,16 @@ def test_evaluation_batches_do_not_change_logits_or_batchnorm_statistics():
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert predict_logits(net, images[:0], normalize, CPU).numel() == 0
+
+
+def test_evaluation_batches_are_the_devices_size():
+    sizes = []
+    net = create_model("net")
+    net.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    images = torch.zeros(600, 3, 32, 32, dtype=torch.uint8)
+    predict_logits(net, images, Normalizer([0.5] * 3, [0.25] * 3, CPU), CPU)
+    assert sizes == [256, 256, 88]  # the CPU's batch: its activations stay in cache
+    assert toolkit.train.engine.eval_batch_size(torch.device("cuda")) == 1024
 
 
 # --- batches and augmentation ----------------------------------------------------------------

@@ -211,3 +211,21 @@ def test_a_short_default_run_trains_without_augmentation():
     assert recipes.resolve("default", "net", {"epochs": 2, "augment": True})["augment"]
     config = TrainConfig.from_options("net", epochs=2)
     assert not config.augment and "--no-augment" not in config.command_flags()
+
+
+def test_a_two_epoch_default_sgd_run_peaks_higher():
+    """--epochs 2 or less: twice the recipe's lr (chosen on val, recipes.SPRINT_EPOCHS);
+    --lr still wins, and longer runs, other recipes, AdamW and other schedules keep theirs."""
+
+    def lr(model="net", recipe="default", **overrides):
+        return recipes.resolve(recipe, model, overrides)["lr"]
+
+    assert lr() == 0.05 and lr(epochs=3) == 0.05
+    assert lr(epochs=recipes.SPRINT_EPOCHS) == lr(epochs=1) == 0.1
+    assert lr("mlp", epochs=2) == 0.02
+    assert lr(epochs=2, lr=0.03) == 0.03
+    assert lr(recipe="seed", epochs=2) == 0.01
+    assert lr("resnet10", epochs=2) == 3e-3  # AdamW: not measured, left alone
+    assert lr(epochs=2, optimizer="adamw") == lr(epochs=2, schedule="cosine") == 0.05
+    assert lr("resnet9", epochs=2) == 0.4  # its warm-up and linear decay: not measured
+    assert TrainConfig.from_options("net", epochs=2).lr == 0.1

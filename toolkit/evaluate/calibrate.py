@@ -27,7 +27,7 @@ from toolkit.evaluate.calibrators import choose_calibrator
 from toolkit.run.checkpoint import Checkpoint
 from toolkit.run.state import calibration_record, current_calibration
 from toolkit.train.batches import Normalizer
-from toolkit.train.engine import EVAL_BATCH_SIZE, pick_device, predict_logits
+from toolkit.train.engine import eval_batch_size, pick_device, predict_logits
 from toolkit.tta import TTAClassifier
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def checkpoint_logits(
     net = TTAClassifier(ckpt.build_net(), tta, below) if tta else ckpt.build_net()
     views = net.views if tta else 1
     # Every view goes through in one batch: keep the images per call as without TTA.
-    batch = max(1, EVAL_BATCH_SIZE // views)
+    batch = max(1, eval_batch_size(dev) // views)
     return predict_logits(net.to(dev), images, normalize, dev, batch_size=batch)
 
 

@@ -27,14 +27,22 @@ from toolkit.train.batches import BatchAugment, Normalizer, epoch_batches, to_ch
 from toolkit.train.distributed import SINGLE, Context
 from toolkit.train.precision import FP32, Precision
 
-# No-grad evaluation needs no activations kept for backward: big batches amortise the
-# per-call overhead (and on a GPU fill it) at a small, bounded memory cost.
+# No-grad evaluation keeps no activations for backward, so a GPU is filled by big batches
+# at a small, bounded memory cost. The CPU is not: there a batch's activations should stay in
+# its caches. At 256 (against 1024) net evaluates 1.8x, resnet10 2.3x, lenet5 1.35x and
+# speedrun 1.2x faster on a 2-core AVX2 EPYC.
 EVAL_BATCH_SIZE = 1024
+CPU_EVAL_BATCH_SIZE = 256
 # torch.compile's backend; tests swap in "eager" to exercise the path without C++ codegen.
 COMPILE_BACKEND = "inductor"
 # How often (in steps) the loss is checked for divergence and the progress line refreshed:
 # each check is a host-device sync, which a GPU should not pay every step.
 SYNC_EVERY = 20
+
+
+def eval_batch_size(device: torch.device) -> int:
+    """Images per no-grad evaluation batch on `device`."""
+    return CPU_EVAL_BATCH_SIZE if device.type == "cpu" else EVAL_BATCH_SIZE
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -325,13 +333,15 @@ def predict_logits(
     images: torch.Tensor,
     normalize: Normalizer,
     device: torch.device,
-    batch_size: int = EVAL_BATCH_SIZE,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Logits for a uint8 N×C×H×W tensor, in large no-grad batches; returned on the CPU.
+    """Logits for a uint8 N×C×H×W tensor, in no-grad batches (default: the device's
+    eval_batch_size); returned on the CPU.
 
     Puts `net` in eval mode: BatchNorm uses (and does not update) its running statistics.
     """
     net.eval()
+    batch_size = batch_size or eval_batch_size(device)
     out = [
         net(normalize(images[i : i + batch_size].to(device))).float().cpu()
         for i in range(0, len(images), batch_size)
@@ -344,7 +354,7 @@ def evaluate_split(
     split: Split,
     normalize: Normalizer,
     device: torch.device,
-    batch_size: int = EVAL_BATCH_SIZE,
+    batch_size: int | None = None,
 ) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) on a split, no label smoothing."""
     logits = predict_logits(net, split.images, normalize, device, batch_size)

@@ -32,9 +32,9 @@ from toolkit.train.batches import Normalizer, alternating_flips, on_device
 from toolkit.train.caveats import log_data_caveats
 from toolkit.train.config import TrainConfig
 from toolkit.train.engine import (
-    EVAL_BATCH_SIZE,
     StepOptions,
     configure_backends,
+    eval_batch_size,
     evaluate_split,
     pick_device,
     predict_logits,
@@ -120,7 +120,7 @@ def _train(config, run_dir, data, resumed, dist, device, pretrained) -> RunResul
             "compile": config.compile,
             "channels_last": True,
             **backends,
-            "eval_batch_size": EVAL_BATCH_SIZE,
+            "eval_batch_size": eval_batch_size(device),
             "world_size": dist.world_size,
             "distributed_backend": dist.backend,
             "global_batch_size": config.batch_size,  # split across the processes
