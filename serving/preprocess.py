@@ -78,11 +78,6 @@ class Resize:
         return resize
 
 
-def preprocessing_rules(size: tuple[int, int]) -> dict[str, str]:
-    """The default rules of a model taking (height, width) images."""
-    return Resize(tuple(size)).rules()
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. 16/32-bit greys are rescaled to 8 bits instead of clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):

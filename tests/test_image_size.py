@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from serving.classifier import OnnxClassifier
-from serving.preprocess import Resize, center_crop, prepare, preprocessing_rules
+from serving.preprocess import PREPROCESSING, Resize, center_crop, prepare
 from tests.synthetic import class_images
 from toolkit.cli import app
 from toolkit.data.specs import parse_size, size_label
@@ -43,8 +43,8 @@ def test_the_crop_keeps_the_models_shape_and_squares_are_as_before():
     assert center_crop(image, 160 / 128).size == (125, 100)
     assert center_crop(Image.new("RGB", (100, 200)), 2.0).size == (100, 50)
     assert prepare(image, (32, 48)).shape == (32, 48, 3)
-    assert preprocessing_rules((32, 32))["crop"] == "center-square"
-    assert preprocessing_rules((32, 48))["crop"] == "center-aspect"
+    assert Resize((32, 32)).rules()["crop"] == "center-square"
+    assert Resize((32, 48)).rules()["crop"] == "center-aspect"
     assert size_label((32, 48)) == "48x32" and size_label((32, 32)) == "32"
 
 
@@ -63,7 +63,7 @@ def test_resize_rules_round_trip_and_unknown_ones_are_refused():
     resize = Resize((32, 48), "bicubic", 0.875)
     rules = json.loads(json.dumps(resize.rules()))  # as the metadata stores them
     assert Resize.from_rules((32, 48), rules) == resize
-    assert Resize((32, 32)).rules() == preprocessing_rules((32, 32))  # no new key by default
+    assert Resize((32, 32)).rules() == PREPROCESSING  # what every model before recorded
     assert "crop_fraction" not in Resize((32, 32)).rules()
     for changed in ({"resize": "area"}, {"crop": "border"}, {"extra": 1}, {"crop_fraction": 0}):
         with pytest.raises(ValueError):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.preprocess import Resize
 from toolkit.audit.crossval import ModelOutputs, normalise_rows
 from toolkit.audit.rows import Rows
 from toolkit.data.specs import parse_size, size_label
@@ -43,12 +44,13 @@ def _check_classes(classes: list[str], rows: Rows, path: Path) -> None:
         )
 
 
-def _check_resize(interpolation: str, crop_fraction: float, rows: Rows, model: Path) -> None:
+def _check_resize(resize: Resize, rows: Rows, model: Path) -> None:
     """The audit decodes the images as the model was trained to see them, or says how to."""
-    if (interpolation, crop_fraction) != (rows.bundle.interpolation, rows.bundle.crop_fraction):
+    wanted = (resize.interpolation, resize.crop_fraction)
+    if wanted != (rows.bundle.interpolation, rows.bundle.crop_fraction):
         raise ToolkitError(
             f"--model '{model}' was trained on images resized with --interpolation "
-            f"{interpolation} --crop-fraction {crop_fraction:g}; audit with the same flags"
+            f"{wanted[0]} --crop-fraction {wanted[1]:g}; audit with the same flags"
         )
 
 
@@ -64,7 +66,7 @@ def _run_outputs(run: Path, rows: Rows, device: str):
             f"--model '{run}' was trained at {size_label(size)}px; audit at the same size "
             f"(--image-size {size_label(size)})"
         )
-    _check_resize(ckpt.resize.interpolation, ckpt.resize.crop_fraction, rows, run)
+    _check_resize(ckpt.resize, rows, run)
     return checkpoint_outputs(ckpt, rows, device, "the given model")
 
 
@@ -101,7 +103,7 @@ def onnx_outputs(path: Path, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
             f"--model '{path}' takes {size_label(classifier.input_size)} px images; audit at "
             f"that size (--image-size {size_label(classifier.input_size)})"
         )
-    _check_resize(classifier.resize.interpolation, classifier.resize.crop_fraction, rows, path)
+    _check_resize(classifier.resize, rows, path)
     data, embedding = _with_embedding_output(model)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     # The raw logits when the graph has them, as with a checkpoint: the audit's probabilities
