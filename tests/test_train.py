@@ -213,15 +213,15 @@ def test_a_short_default_run_trains_without_augmentation():
     assert not config.augment and "--no-augment" not in config.command_flags()
 
 
-def test_a_two_epoch_default_sgd_run_peaks_higher():
-    """--epochs 2 or less: twice the recipe's lr (chosen on val, recipes.SPRINT_EPOCHS);
+def test_a_short_default_sgd_run_peaks_higher():
+    """--epochs 3 or less: twice the recipe's lr (chosen on val, recipes.SHORT_RUN_EPOCHS);
     --lr still wins, and longer runs, other recipes, AdamW and other schedules keep theirs."""
 
     def lr(model="net", recipe="default", **overrides):
         return recipes.resolve(recipe, model, overrides)["lr"]
 
-    assert lr() == 0.05 and lr(epochs=3) == 0.05
-    assert lr(epochs=recipes.SPRINT_EPOCHS) == lr(epochs=1) == 0.1
+    assert lr() == 0.05 and lr(epochs=recipes.SHORT_RUN_EPOCHS + 1) == 0.05
+    assert lr(epochs=recipes.SHORT_RUN_EPOCHS) == lr(epochs=1) == 0.1
     assert lr("mlp", epochs=2) == 0.02
     assert lr(epochs=2, lr=0.03) == 0.03
     assert lr(recipe="seed", epochs=2) == 0.01
@@ -229,3 +229,24 @@ def test_a_two_epoch_default_sgd_run_peaks_higher():
     assert lr(epochs=2, optimizer="adamw") == lr(epochs=2, schedule="cosine") == 0.05
     assert lr("resnet9", epochs=2) == 0.4  # its warm-up and linear decay: not measured
     assert TrainConfig.from_options("net", epochs=2).lr == 0.1
+
+
+def test_a_short_default_run_of_a_small_cnn_trains_its_filters_with_muon():
+    """--epochs 3 or less of net, net2, lenet5: Muon for the conv filters at the values
+    chosen on val; --optimizer and --muon-* still win, other models and recipes keep SGD."""
+
+    def chosen(model="net", recipe="default", **overrides):
+        values = recipes.resolve(recipe, model, overrides)
+        return values["optimizer"], values["muon_lr"], values["muon_momentum"]
+
+    short = ("muon", 0.05, 0.8)
+    assert chosen(epochs=recipes.SHORT_RUN_EPOCHS) == chosen("lenet5", epochs=1) == short
+    assert chosen("net2", epochs=2) == short
+    assert chosen(epochs=recipes.SHORT_RUN_EPOCHS + 1)[0] == "sgd"
+    assert chosen("mlp", epochs=2)[0] == chosen("resnet9", epochs=2)[0] == "sgd"  # not measured
+    assert chosen("resnet10", epochs=2)[0] == "adamw"
+    assert chosen(recipe="seed", epochs=2)[0] == "sgd"
+    assert chosen(epochs=2, optimizer="sgd")[0] == "sgd"
+    assert chosen(epochs=2, muon_lr=0.1) == ("muon", 0.1, 0.8)
+    config = TrainConfig.from_options("net", epochs=2)
+    assert config.optimizer == "muon" and "--optimizer" not in " ".join(config.command_flags())

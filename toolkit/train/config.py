@@ -99,8 +99,9 @@ class TrainConfig:
     # what it learns: config.json's "engine" block records what they resolved to.
     recipe: str | None = option(
         None,
-        "default (modern, fast), seed (the reference), finetune (AdamW, warm-up, resized "
-        "crops: the default with --pretrained); speedrun only: airbench94 "
+        "default (modern, fast; 3 epochs or fewer: no augmentation, twice the lr, Muon for "
+        "the filters of net, net2, lenet5), seed (the reference), finetune (AdamW, warm-up, "
+        "resized crops: the default with --pretrained); speedrun only: airbench94 "
         "(its SGD recipe) or muon (Muon for the filters, 0.82x the samples).",
     )
     model_options: dict = field(default_factory=dict)  # ModelOptions the model takes

@@ -206,18 +206,21 @@ COMMON = dict(
     muon_momentum=0.6,
 )
 TTA_LEVELS = (0, 1, 2)
-SHORT_RUN_EPOCHS = 3  # the default recipe's runs this short train without augmentation
-SPRINT_EPOCHS = 2  # and its SGD one-cycle runs this short peak at SPRINT_LR_SCALE x its lr
-SPRINT_LR_SCALE = 2.0
+# The default recipe's runs of at most SHORT_RUN_EPOCHS train without augmentation, its SGD
+# one-cycle runs peak at SHORT_RUN_LR_SCALE x its lr, and the small CNNs below train their
+# conv filters with Muon (toolkit.train.muon) at SHORT_RUN_MUON (resolve's comments: the
+# measurements that chose them).
+SHORT_RUN_EPOCHS = 3
+SHORT_RUN_LR_SCALE = 2.0
+SHORT_RUN_MUON_MODELS = ("net", "net2", "lenet5")
+SHORT_RUN_MUON = {"muon_lr": 0.05, "muon_momentum": 0.8}
 
 
 def resolve(recipe: str, model: str, overrides: dict) -> dict:
     """Recipe values for `model`, then every override that is not None.
 
     Overriding the epochs scales the recipe's warm-up with them (unless it is given too).
-    The default recipe's runs of at most SHORT_RUN_EPOCHS drop its augmentation (unless
-    --augment is given), and its SGD one-cycle runs of at most SPRINT_EPOCHS peak at
-    SPRINT_LR_SCALE times its lr (unless --lr is given).
+    The default recipe's runs of at most SHORT_RUN_EPOCHS change as `_short_run` says.
     """
     if recipe not in RECIPES:
         raise ToolkitError(f"unknown recipe '{recipe}'; choose one of: {', '.join(RECIPES)}")
@@ -234,29 +237,45 @@ def resolve(recipe: str, model: str, overrides: dict) -> dict:
         # A recipe's warm-up is a share of its training: a shorter (or longer) run keeps the
         # share, so `--epochs 3` does not spend every step warming up.
         values["warmup_epochs"] = values["warmup_epochs"] * values["epochs"] / recipe_epochs
-    if (
-        recipe == "default"
-        and overrides.get("augment") is None
-        and values["epochs"] <= SHORT_RUN_EPOCHS
-    ):
-        # Too short to overfit: crops and flips only slow the fit. net on val (45,000
-        # CIFAR-10 images): 2 epochs 58.8 % with them, 60.3 % without; 3 epochs 61.4 / 63.4 %.
-        values["augment"] = False
-    if (
-        recipe == "default"
-        and overrides.get("lr") is None
-        and (values["optimizer"], values["schedule"]) == ("sgd", "onecycle")
-        and values["epochs"] <= SPRINT_EPOCHS
-    ):
-        # One cycle this short reaches further with a higher peak. On val (as above, 2 epochs,
-        # 3-5 seeds) twice the lr gave net 60.30 -> 61.36 %, net2 55.87 -> 58.74 %, mlp
-        # 42.61 -> 44.50 % and lenet5 58.30 -> 58.09 % (within its seeds' spread); at 3
-        # epochs net gained nothing (62.89 / 62.83 %), so the rule stops at 2.
-        values["lr"] = values["lr"] * SPRINT_LR_SCALE
+    if recipe == "default" and values["epochs"] <= SHORT_RUN_EPOCHS:
+        values.update(_short_run(model, values, overrides))
     if overrides.get("freeze_epochs") is None:  # a shorter run still trains its backbone
         values["freeze_epochs"] = min(values["freeze_epochs"], int(values["epochs"]) - 1)
     _check(values)
     return values
+
+
+def _short_run(model: str, values: dict, overrides: dict) -> dict:
+    """What a default-recipe run of at most SHORT_RUN_EPOCHS changes; a flag that sets a
+    value itself wins. Chosen on val (45,000 / 5,000 CIFAR-10 images, seeds as counted)."""
+    changes = {}
+    if overrides.get("augment") is None:
+        # Too short to overfit: crops and flips only slow the fit. net: 2 epochs 58.8 % with
+        # them, 60.3 % without; 3 epochs 61.4 / 63.4 %.
+        changes["augment"] = False
+    sgd_one_cycle = (values["optimizer"], values["schedule"]) == ("sgd", "onecycle")
+    if overrides.get("lr") is None and sgd_one_cycle:
+        # One cycle this short reaches further with a higher peak. Twice the lr at 2 epochs
+        # (3-5 seeds): net 60.30 -> 61.36 %, net2 55.87 -> 58.74, mlp 42.61 -> 44.50, lenet5
+        # 58.30 -> 58.09 (within its seeds' spread); at 3 epochs mlp 44.47 -> 46.81 (2 seeds)
+        # and net 62.89 -> 62.83 (3 seeds).
+        changes["lr"] = values["lr"] * SHORT_RUN_LR_SCALE
+    if (
+        model in SHORT_RUN_MUON_MODELS
+        and overrides.get("optimizer") is None
+        and values["optimizer"] == "sgd"
+    ):
+        # Muon moves every direction of a filter bank alike, so few steps go further
+        # (benchmarks/small_command.md). SGD at twice the lr against Muon at 0.05 and
+        # momentum 0.8 for the filters (the rest SGD at the same lr), 2 epochs: net 61.53
+        # -> 64.46 % (6 seeds), net2 58.74 -> 62.56, lenet5 58.09 -> 63.08 (3 seeds each);
+        # 3 epochs (2 seeds, SGD at the recipe's lr): net 62.94 -> 66.06, net2 58.76 ->
+        # 63.93, lenet5 61.83 -> 65.13. Muon lr 0.03 / 0.07 / 0.1 / 0.24 gave net 63.2 /
+        # 64.2 / 63.9 / 62.8 % at 2 epochs (3 seeds, momentum 0.6). Longer runs keep SGD,
+        # which benchmarks/core_recipes.md measured (Muon led there too: docs/training.md).
+        changes["optimizer"] = "muon"
+        changes.update({k: v for k, v in SHORT_RUN_MUON.items() if overrides.get(k) is None})
+    return changes
 
 
 def _check(v: dict) -> None:
