@@ -194,7 +194,7 @@ def markdown(report: dict) -> str:
 
 
 def trained_with(recipe: dict) -> str:
-    """The resolved recipe in words, e.g. `muon 0.05 (filters) + sgd 0.1, batch 128, no aug`."""
+    """The resolved recipe in words ("muon 0.05 (filters) + sgd 0.1, onecycle, batch 128, …")."""
     step = f"{recipe['optimizer']} {recipe['lr']:g}"
     if recipe["optimizer"] == "muon":
         step = f"muon {recipe['muon_lr']:g} (filters) + sgd {recipe['lr']:g}"
