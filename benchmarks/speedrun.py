@@ -4,6 +4,7 @@
     python -m benchmarks.speedrun --data-dir ../shared/data/cifar10 --seeds 2
     python -m benchmarks.speedrun --data-dir ../shared/data/cifar10 --quick   # smoke check
     python -m benchmarks.speedrun ... --recipe airbench94   # speedrun's SGD recipe (#18's figures)
+    python -m benchmarks.speedrun ... --recipe muon --epochs 7   # ours at another budget
 
 In one invocation, for every seed:
 - peer: airbench's `train94` from the PyPI package, run on the CPU through a minimal shim
@@ -247,6 +248,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="run folders and peer data (default: tmp)")
     parser.add_argument("--out", type=Path, help="where the .json/.md go")
     parser.add_argument("--recipe", help="ours: a speedrun recipe (default: its default)")
+    parser.add_argument(
+        "--epochs", type=int, help="ours: epochs instead of the recipe's (the peer keeps its own)"
+    )
     parser.add_argument("--peer-precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--peer-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -269,7 +273,7 @@ def main() -> None:
     data_dir = args.data_dir.resolve()
     if args.quick:
         data_dir = subset_folder(data_dir, work / "subset", QUICK_PER_CLASS)
-    epochs = 1 if args.quick else None
+    peer_epochs, our_epochs = (1, 1) if args.quick else (None, args.epochs)
     bundle = load_data(DataOptions(data_dir=str(data_dir), val_fraction=0.0))
     write_peer_data(bundle, work / "peer" / "cifar10")
 
@@ -289,11 +293,11 @@ def main() -> None:
 
     val_seeds = args.seeds if args.val_seeds is None else args.val_seeds
     for seed in range(args.seeds):
-        measure("peer", seed, peer, work, seed, epochs, precision)
+        measure("peer", seed, peer, work, seed, peer_epochs, precision)
         all_dir, val_dir = work / f"ours_all-{seed}", work / f"ours_val-{seed}"
-        measure("ours_all", seed, ours, data_dir, all_dir, seed, 0.0, epochs, args.recipe)
+        measure("ours_all", seed, ours, data_dir, all_dir, seed, 0.0, our_epochs, args.recipe)
         if seed < val_seeds:
-            measure("ours_val", seed, ours, data_dir, val_dir, seed, None, epochs, args.recipe)
+            measure("ours_val", seed, ours, data_dir, val_dir, seed, None, our_epochs, args.recipe)
 
     stats = {k: summary(v) for k, v in results.items()}
     peer_s = stats["peer"]["seconds"]["mean"]
@@ -302,6 +306,7 @@ def main() -> None:
         "torch": torch.__version__,
         "peer_precision": precision,
         "recipe": args.recipe or "default",
+        "epochs": args.epochs,  # ours; None: the recipe's
         "quick": args.quick,
         "command": shlex.join(["python", "-m", "benchmarks.speedrun", *sys.argv[1:]]),
         "data": str(args.data_dir),
@@ -340,6 +345,8 @@ def markdown(report: dict) -> str:
     precision = report.get("peer_precision", "bf16")
     recipe = report.get("recipe", "default")
     flag = "" if recipe == "default" else f" --recipe {recipe}"
+    if report.get("epochs"):
+        flag += f" --epochs {report['epochs']}"
     labels = {
         "peer": f"airbench `train94` (PyPI, CPU shim, {precision})",
         "ours_all": f"`toolkit train speedrun{flag} --val-fraction 0` ({n['ours_all']}, final "
