@@ -195,9 +195,10 @@ def markdown(report: dict) -> str:
 
 def trained_with(recipe: dict) -> str:
     """The resolved recipe in words ("muon 0.05 (filters) + sgd 0.1, onecycle, batch 128, …")."""
-    step = f"{recipe['optimizer']} {recipe['lr']:g}"
     if recipe["optimizer"] == "muon":
         step = f"muon {recipe['muon_lr']:g} (filters) + sgd {recipe['lr']:g}"
+    else:
+        step = f"{recipe['optimizer']} {recipe['lr']:g}"
     augment = "crop + flip" if recipe["augment"] else "no augmentation"
     return f"{step}, {recipe['schedule']}, batch {recipe['batch_size']}, {augment}"
 

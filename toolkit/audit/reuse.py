@@ -46,11 +46,14 @@ def _check_classes(classes: list[str], rows: Rows, path: Path) -> None:
 
 def _check_resize(resize: Resize, rows: Rows, model: Path) -> None:
     """The audit decodes the images as the model was trained to see them, or says how to."""
-    wanted = (resize.interpolation, resize.crop_fraction)
-    if wanted != (rows.bundle.interpolation, rows.bundle.crop_fraction):
+    if (resize.interpolation, resize.crop_fraction) != (
+        rows.bundle.interpolation,
+        rows.bundle.crop_fraction,
+    ):
         raise ToolkitError(
             f"--model '{model}' was trained on images resized with --interpolation "
-            f"{wanted[0]} --crop-fraction {wanted[1]:g}; audit with the same flags"
+            f"{resize.interpolation} --crop-fraction {resize.crop_fraction:g}; audit with the "
+            "same flags"
         )
 
 
