@@ -5,6 +5,8 @@
     python -m benchmarks.speedrun --data-dir ../shared/data/cifar10 --quick   # smoke check
     python -m benchmarks.speedrun ... --recipe airbench94   # speedrun's SGD recipe (#18's figures)
     python -m benchmarks.speedrun ... --recipe muon --epochs 7   # ours at another budget
+    python -m benchmarks.speedrun ... --seeds 1 --val-seeds 0 --work W   # one seed's pair now,
+    python -m benchmarks.speedrun ... --seeds 2 --val-seeds 0 --work W   # the next one later
 
 In one invocation, for every seed:
 - peer: airbench's `train94` from the PyPI package, run on the CPU through a minimal shim
@@ -21,7 +23,8 @@ In one invocation, for every seed:
 
 Training seconds follow airbench's own rule: whitening init + training + the TTA evaluation
 (not decoding, not per-epoch evaluation); whole-command wall time is reported beside them.
-Writes benchmarks/speedrun.{json,md} (--out elsewhere; --quick writes speedrun-quick.*).
+Writes benchmarks/speedrun.{json,md} (--out elsewhere; --quick writes speedrun-quick.*; the
+writer and the targets are in benchmarks/speedrun_report.py).
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.speedrun_report import markdown, summary, targets
 
 OUT = Path(__file__).resolve().parent
 REPO = OUT.parent
@@ -222,19 +226,9 @@ def subset_folder(source: Path, target: Path, per_class: tuple[int, int]) -> Pat
             out = target / split / cls.name
             out.mkdir(parents=True, exist_ok=True)
             for f in sorted(cls.iterdir())[:n]:
-                (out / f.name).symlink_to(f.resolve())
+                if not (out / f.name).is_symlink():  # a later call with the same --work
+                    (out / f.name).symlink_to(f.resolve())
     return target
-
-
-def summary(rows: list[dict]) -> dict:
-    def ms(key):
-        values = [r[key] for r in rows]
-        return {
-            "mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        }
-
-    return {k: ms(k) for k in ("tta_accuracy", "seconds", "wall_seconds")}
 
 
 def main() -> None:
@@ -278,9 +272,22 @@ def main() -> None:
     write_peer_data(bundle, work / "peer" / "cifar10")
 
     # Every measured run is saved as it ends; a later call with the same --work measures only
-    # what is missing (one more seed; a run that failed, once its folder is deleted).
+    # what is missing (one more seed; a run that failed, once its folder is deleted). A seed's
+    # peer and ours run back to back, so they are side by side unless a call stopped between
+    # them (the report names such seeds); runs are only carried onto the same CPU model, flags
+    # and torch, else the ratio means nothing.
     partial = work / PARTIAL
-    results = json.loads(partial.read_text()) if partial.exists() else {k: [] for k in LABELS}
+    machine = {"cpu": cpu, "torch": torch.__version__}
+    saved = json.loads(partial.read_text()) if partial.exists() else {}
+    if saved and saved["machine"] != machine:
+        sys.exit(
+            f"{partial} was measured on {saved['machine']}, not this {machine}: use a new --work"
+        )
+    results = saved.get("runs", {k: [] for k in LABELS})
+    invocations = [
+        *saved.get("invocations", []),
+        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    ]
     carried = sum(map(len, results.values()))
     if carried:
         print(f"{carried} run(s) already measured in {partial}: not repeated")
@@ -288,8 +295,9 @@ def main() -> None:
     def measure(key: str, seed: int, run, *args) -> None:
         if any(r["seed"] == seed for r in results[key]):
             return
-        results[key].append({"seed": seed, **run(*args)})
-        partial.write_text(json.dumps(results, indent=2))
+        results[key].append({"seed": seed, "invocation": len(invocations), **run(*args)})
+        record = {"machine": machine, "invocations": invocations, "runs": results}
+        partial.write_text(json.dumps(record, indent=2))
 
     val_seeds = args.seeds if args.val_seeds is None else args.val_seeds
     for seed in range(args.seeds):
@@ -299,8 +307,7 @@ def main() -> None:
         if seed < val_seeds:
             measure("ours_val", seed, ours, data_dir, val_dir, seed, None, our_epochs, args.recipe)
 
-    stats = {k: summary(v) for k, v in results.items()}
-    peer_s = stats["peer"]["seconds"]["mean"]
+    stats = {k: summary(v) for k, v in results.items() if v}  # --val-seeds 0: no ours_val
     report = {
         "cpu": cpu,
         "torch": torch.__version__,
@@ -312,110 +319,15 @@ def main() -> None:
         "data": str(args.data_dir),
         "sizes": bundle.sizes(),
         "runs": results,
+        "invocations": invocations,  # the calls with this --work; each run names its own
         "summary": stats,
-        "targets": {
-            key: {
-                "accuracy_at_least_peer": stats[key]["tta_accuracy"]["mean"]
-                >= stats["peer"]["tta_accuracy"]["mean"],
-                "seconds_ratio": stats[key]["seconds"]["mean"] / peer_s,
-                "at_most_target_seconds": stats[key]["seconds"]["mean"] <= SECONDS_TARGET * peer_s,
-            }
-            for key in ("ours_all", "ours_val")
-        },
+        "targets": targets(stats),
     }
     out = args.out or OUT
     name = "speedrun-quick" if args.quick else "speedrun"
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(report))
     print((out / f"{name}.md").read_text())
-
-
-def yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
-PUBLISHED = 0.94  # airbench94's mean test accuracy in its paper (A100, the original PNGs)
-SECONDS_TARGET = 0.75  # issue #25: the peer's accuracy in at most this share of its seconds
-
-
-def markdown(report: dict) -> str:
-    cpu = report["cpu"]
-    seeds = ", ".join(f"{len(rows)} {key}" for key, rows in report["runs"].items())
-    n = {k: f"{report['runs'][k][0]['train_images']:,}" for k in ("ours_all", "ours_val")}
-    precision = report.get("peer_precision", "bf16")
-    recipe = report.get("recipe", "default")
-    flag = "" if recipe == "default" else f" --recipe {recipe}"
-    if report.get("epochs"):
-        flag += f" --epochs {report['epochs']}"
-    labels = {
-        "peer": f"airbench `train94` (PyPI, CPU shim, {precision})",
-        "ours_all": f"`toolkit train speedrun{flag} --val-fraction 0` ({n['ours_all']}, final "
-        "weights)",
-        "ours_val": f"`toolkit train speedrun{flag}` ({n['ours_val']}, best epoch on val)",
-    }
-    lines = [
-        "# speedrun vs airbench train94 on the CPU"
-        + (" (--quick smoke run)" if report["quick"] else ""),
-        "",
-        f"CPU: {cpu['model']}, {cpu['cores']} cores, AVX512-BF16 {yes(cpu['avx512_bf16'])}, "
-        f"AMX {yes(cpu['amx_bf16'])}; torch {report['torch']}; "
-        f"seeds: {seeds}, run in turn (peer, ours on all, ours with val) per seed; the same "
-        "decoded images "
-        f"({report['sizes']['train']:,} train, {report['sizes']['test']:,} test).",
-        "",
-        f"Reproduce: `pip install -e '.[bench]' && {report.get('command', '')}` (nothing else "
-        "on the cores).",
-        "",
-        "| | test acc (TTA), mean ± std | below 94.0 % | training s (airbench's rule) | wall s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for key, label in labels.items():
-        s = report["summary"][key]
-        acc, sec, wall = s["tta_accuracy"], s["seconds"], s["wall_seconds"]
-        lines.append(
-            f"| {label} | {acc['mean']:.2%} ± {acc['std']:.2%} "
-            f"| {100 * (PUBLISHED - acc['mean']):.2f} pt "
-            f"| {sec['mean']:.0f} ± {sec['std']:.0f} | {wall['mean']:.0f} |"
-        )
-    lines += [
-        "",
-        f"Targets (mean accuracy ≥ the peer's, ≤ {SECONDS_TARGET}× its training seconds):",
-        "",
-    ]
-    for key, t in report["targets"].items():
-        lines.append(
-            f"- {labels[key]}: accuracy {'met' if t['accuracy_at_least_peer'] else 'NOT met'}, "
-            f"{t['seconds_ratio']:.2f}× the peer's seconds "
-            f"({'met' if t['at_most_target_seconds'] else 'NOT met'})"
-        )
-    lines += [
-        "",
-        "Per run. *training s* is airbench's rule: its whitening init + training + the TTA "
-        "evaluation of the test split, no decoding and no per-epoch evaluation; ours is "
-        "split into those three (our TTA evaluation runs in fp32, as the exported model "
-        f"does; the peer's in {precision}). *wall s* is the whole command (ours: `toolkit "
-        "train` + `toolkit evaluate`).",
-        "",
-        "| run | seed | test acc (TTA) | without TTA | training s | init + train + TTA s "
-        "| s per epoch | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for key in labels:
-        for r in report["runs"][key]:
-            without = r.get("accuracy_without_tta")
-            parts = per_epoch = "—"  # the peer's timer gives one total
-            if "train_seconds" in r:
-                parts = " + ".join(
-                    f"{r[k]:.{d}f}"
-                    for k, d in (("prepare_seconds", 1), ("train_seconds", 0), ("tta_seconds", 0))
-                )
-                per_epoch = f"{r['train_seconds'] / r['epochs']:.0f}" if r.get("epochs") else "—"
-            lines.append(
-                f"| {key} | {r['seed']} | {r['tta_accuracy']:.2%} "
-                f"| {'—' if without is None else f'{without:.2%}'} | {r['seconds']:.0f} "
-                f"| {parts} | {per_epoch} | {r['wall_seconds']:.0f} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
