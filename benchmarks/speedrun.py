@@ -264,6 +264,33 @@ def main() -> None:
 
     # Absolute: the peer's worker runs in its data folder (airbench reads ./cifar10/).
     work = (args.work or Path(tempfile.mkdtemp(prefix="speedrun-bench-"))).resolve()
+
+    # Every measured run is saved as it ends; a later call with the same --work measures only
+    # what is missing (one more seed; a run that failed, once its folder is deleted). A seed's
+    # peer and ours run back to back, so they are side by side unless a call stopped between
+    # them (the report names such seeds). Runs are only carried into a call of the same setup:
+    # another CPU, torch, recipe or data would make the ratio mean nothing.
+    partial = work / PARTIAL
+    setup = {
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "peer_precision": precision,
+        "recipe": args.recipe,
+        "epochs": args.epochs,
+        "data": str(args.data_dir),
+        "quick": args.quick,
+    }
+    saved = json.loads(partial.read_text()) if partial.exists() else {}
+    before = saved.get("setup", setup)
+    changed = [f"{k} {before.get(k)} -> {v}" for k, v in setup.items() if before.get(k) != v]
+    if changed:
+        sys.exit(f"{partial} was measured with another {', '.join(changed)}: use a new --work")
+    results = saved.get("runs", {k: [] for k in LABELS})
+    invocations = [
+        *saved.get("invocations", []),
+        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    ]
+
     data_dir = args.data_dir.resolve()
     if args.quick:
         data_dir = subset_folder(data_dir, work / "subset", QUICK_PER_CLASS)
@@ -271,23 +298,6 @@ def main() -> None:
     bundle = load_data(DataOptions(data_dir=str(data_dir), val_fraction=0.0))
     write_peer_data(bundle, work / "peer" / "cifar10")
 
-    # Every measured run is saved as it ends; a later call with the same --work measures only
-    # what is missing (one more seed; a run that failed, once its folder is deleted). A seed's
-    # peer and ours run back to back, so they are side by side unless a call stopped between
-    # them (the report names such seeds); runs are only carried onto the same CPU model, flags
-    # and torch, else the ratio means nothing.
-    partial = work / PARTIAL
-    machine = {"cpu": cpu, "torch": torch.__version__}
-    saved = json.loads(partial.read_text()) if partial.exists() else {}
-    if saved and saved["machine"] != machine:
-        sys.exit(
-            f"{partial} was measured on {saved['machine']}, not this {machine}: use a new --work"
-        )
-    results = saved.get("runs", {k: [] for k in LABELS})
-    invocations = [
-        *saved.get("invocations", []),
-        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    ]
     carried = sum(map(len, results.values()))
     if carried:
         print(f"{carried} run(s) already measured in {partial}: not repeated")
@@ -296,7 +306,7 @@ def main() -> None:
         if any(r["seed"] == seed for r in results[key]):
             return
         results[key].append({"seed": seed, "invocation": len(invocations), **run(*args)})
-        record = {"machine": machine, "invocations": invocations, "runs": results}
+        record = {"setup": setup, "invocations": invocations, "runs": results}
         partial.write_text(json.dumps(record, indent=2))
 
     val_seeds = args.seeds if args.val_seeds is None else args.val_seeds
