@@ -39,6 +39,20 @@ def yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def calls_sentence(invocations: list[str], runs: dict[str, list[dict]]) -> str:
+    """For runs carried over several calls with one --work: which calls, and the seeds whose
+    peer and ours were not measured side by side (in one call)."""
+    if len(invocations) < 2:
+        return ""
+    call = {(key, r["seed"]): r["invocation"] for key, rows in runs.items() for r in rows}
+    apart = sorted({seed for (key, seed), i in call.items() if call.get(("peer", seed)) != i})
+    return (
+        f" Measured in {len(invocations)} calls with one `--work` ({', '.join(invocations)}; "
+        "each run's `invocation` in the .json says which); seeds whose peer and ours ran in "
+        f"different calls: {', '.join(map(str, apart)) or 'none'}."
+    )
+
+
 def markdown(report: dict) -> str:
     cpu = report["cpu"]
     runs = {key: rows for key, rows in report["runs"].items() if rows}
@@ -58,16 +72,7 @@ def markdown(report: dict) -> str:
     labels = {key: label for key, label in labels.items() if key in runs}
     names = {"peer": "peer", "ours_all": "ours on all", "ours_val": "ours with val"}
     order = ", ".join(names[key] for key in labels)
-    invocations = report.get("invocations", [])
-    calls = ""
-    if len(invocations) > 1:
-        call = {(key, r["seed"]): r["invocation"] for key, rows in runs.items() for r in rows}
-        apart = sorted({seed for (key, seed), i in call.items() if call.get(("peer", seed)) != i})
-        calls = (
-            f" Measured in {len(invocations)} calls with one `--work` ({', '.join(invocations)}; "
-            "each run's `invocation` in the .json says which); seeds whose peer and ours ran in "
-            f"different calls: {', '.join(map(str, apart)) or 'none'}."
-        )
+    calls = calls_sentence(report.get("invocations", []), runs)
     lines = [
         "# speedrun vs airbench train94 on the CPU"
         + (" (--quick smoke run)" if report["quick"] else ""),
