@@ -231,6 +231,17 @@ def subset_folder(source: Path, target: Path, per_class: tuple[int, int]) -> Pat
     return target
 
 
+def load_partial(partial: Path, setup: dict) -> dict:
+    """What an earlier call with this --work saved ({} if none); exits with one line naming
+    what differs if it was measured with another setup."""
+    saved = json.loads(partial.read_text()) if partial.exists() else {}
+    before = saved.get("setup", setup)
+    changed = [f"{k} {before.get(k)} -> {v}" for k, v in setup.items() if before.get(k) != v]
+    if changed:
+        sys.exit(f"{partial} was measured with another {', '.join(changed)}: use a new --work")
+    return saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/cifar10")
@@ -275,16 +286,12 @@ def main() -> None:
         "cpu": cpu,
         "torch": torch.__version__,
         "peer_precision": precision,
-        "recipe": args.recipe,
-        "epochs": args.epochs,
+        "recipe": args.recipe or "default",
+        "epochs": args.epochs,  # ours; None: the recipe's
         "data": str(args.data_dir),
         "quick": args.quick,
     }
-    saved = json.loads(partial.read_text()) if partial.exists() else {}
-    before = saved.get("setup", setup)
-    changed = [f"{k} {before.get(k)} -> {v}" for k, v in setup.items() if before.get(k) != v]
-    if changed:
-        sys.exit(f"{partial} was measured with another {', '.join(changed)}: use a new --work")
+    saved = load_partial(partial, setup)
     results = saved.get("runs", {k: [] for k in LABELS})
     invocations = [
         *saved.get("invocations", []),
@@ -319,14 +326,8 @@ def main() -> None:
 
     stats = {k: summary(v) for k, v in results.items() if v}  # --val-seeds 0: no ours_val
     report = {
-        "cpu": cpu,
-        "torch": torch.__version__,
-        "peer_precision": precision,
-        "recipe": args.recipe or "default",
-        "epochs": args.epochs,  # ours; None: the recipe's
-        "quick": args.quick,
+        **setup,
         "command": shlex.join(["python", "-m", "benchmarks.speedrun", *sys.argv[1:]]),
-        "data": str(args.data_dir),
         "sizes": bundle.sizes(),
         "runs": results,
         "invocations": invocations,  # the calls with this --work; each run names its own

@@ -1,9 +1,14 @@
 """benchmarks/speedrun.py's report: issue #25's targets against the peer's mean, a report with
-no val runs (--val-seeds 0), and runs carried over several calls with one --work, naming any
-seed whose peer and ours were not measured side by side."""
+no val runs (--val-seeds 0), and runs carried over several calls with one --work (only into
+the same setup), naming any seed whose peer and ours were not measured side by side."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
+from benchmarks.speedrun import load_partial
 from benchmarks.speedrun_report import markdown, summary, targets
 
 
@@ -76,3 +81,19 @@ def test_a_report_over_two_calls_names_the_seeds_not_measured_side_by_side():
 
     together = [run(0, 0.9, 2000, 1, True), run(1, 0.9, 2000, 1, True)]
     assert "different calls: none." in markdown(report(peer, together, ["d1", "d2"]))
+
+
+def test_runs_carry_only_into_a_call_with_the_same_setup(tmp_path):
+    partial = tmp_path / "runs-so-far.json"
+    setup = {"cpu": {"model": "AMD EPYC"}, "torch": "2.14.1", "recipe": "muon", "epochs": 7}
+    assert load_partial(partial, setup) == {}  # nothing saved yet
+
+    saved = {"setup": setup, "invocations": ["d1"], "runs": {"peer": [run(0, 0.9, 3000, 1, False)]}}
+    partial.write_text(json.dumps(saved))
+    assert load_partial(partial, setup) == saved
+
+    with pytest.raises(SystemExit) as refused:
+        load_partial(partial, {**setup, "recipe": "airbench94"})
+    assert str(refused.value) == (
+        f"{partial} was measured with another recipe muon -> airbench94: use a new --work"
+    )
