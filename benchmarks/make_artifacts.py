@@ -65,17 +65,54 @@ def int8_pays(report: dict) -> bool:
     return close and int8["faster_than_fp32"]
 
 
-def summary_row(target: Path, config) -> str:
+def served_without_flagged(meta: dict, metrics: dict) -> str:
+    """The served figure (with TTA when the graph has it) without the test images the data
+    audit flags, or why there is none."""
+    audit = metrics.get("audit")
+    if audit is None:
+        return "not audited"
+    return f"{audit['accuracy']['tta' if meta.get('tta') else 'plain']['without_flagged']:.2%}"
+
+
+def summary_row(target: Path, epochs: int) -> str:
     """The artifact's README row: the served model's own figures (model.json: with TTA when
-    it has some), calibration from the evaluation."""
+    it has some), calibration and the audit from the evaluation."""
     meta = json.loads((target / "model.json").read_text())
-    c = json.loads((target / "metrics.json").read_text())["calibration"]
+    metrics = json.loads((target / "metrics.json").read_text())
+    c = metrics["calibration"]
     tta = f" + TTA ({meta['tta']})" if meta.get("tta") else ""
+    method = c.get("method") or f"temperature {c['temperature']:.3f}"  # before top1-map & co
     return (
-        f"| {target.name} | {config.model}{tta} | {config.epochs} | {meta['test_accuracy']:.2%} "
-        f"| {c.get('method', 'temperature')} "
+        f"| {target.name} | {meta['model']}{tta} | {epochs} | {meta['test_accuracy']:.2%} "
+        f"| {served_without_flagged(meta, metrics)} | {method} "
         f"| {c['raw']['ece']:.2%} → {c['calibrated']['ece']:.2%} "
         f"| {(target / 'model.onnx').stat().st_size / 1e6:.2f} MB |"
+    )
+
+
+def flagged_count(targets: list[Path]) -> str:
+    """How many test images the audit flags, as the column header names them."""
+    for target in targets:
+        audit = json.loads((target / "metrics.json").read_text()).get("audit")
+        if audit is not None:
+            return f"{audit['excluded']['total']} "
+    return ""
+
+
+def summary_table(out: Path, data: DataOptions) -> str:
+    """The table of every shipped folder under `out`, in SHIPPED's order."""
+    targets = {
+        target: config_for(experiment, data).epochs
+        for name, experiment in SHIPPED.items()
+        for target in (out / name, out / f"{name}-int8")
+        if target.is_dir()
+    }
+    return (
+        f"| artifact | model | epochs | test accuracy | without the audit's "
+        f"{flagged_count(list(targets))}flagged | calibration | ECE raw → calibrated (test) "
+        "| ONNX size |\n|---|---|---:|---:|---:|---:|---:|---:|\n"
+        + "\n".join(summary_row(target, epochs) for target, epochs in targets.items())
+        + "\n"
     )
 
 
@@ -109,22 +146,20 @@ def main() -> None:
     train_all(data, args.runs, [SHIPPED[name] for name in chosen])
     for name in chosen:
         build(name, data, args.runs, args.out)
-    summary = [
-        summary_row(target, config_for(experiment, data))
-        for name, experiment in SHIPPED.items()
-        for target in (args.out / name, args.out / f"{name}-int8")
-        if target.is_dir()
-    ]
     write_examples(data, args.out / "examples" / "cifar10")
     (args.out / "README.md").write_text(
         "# Shipped models\n\n"
         "Trained on the real CIFAR-10 training images (45,000 train / 5,000 stratified val), "
         "best checkpoint by val accuracy, evaluated once on the official 10,000 test images. "
         "Regenerate with `make artifacts CIFAR10_DIR=path/to/cifar10`.\n\n"
-        "Probabilities are calibrated by the method chosen for each model on its val split "
-        "([benchmarks/calibration.md](../benchmarks/calibration.md)).\n\n"
-        "| artifact | model | epochs | test accuracy | calibration | ECE raw → calibrated (test) "
-        "| ONNX size |\n|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(summary) + "\n"
+        "Probabilities are calibrated by the method chosen for each model on its val split, "
+        "inside the graph ([benchmarks/calibration.md](../benchmarks/calibration.md)).\n\n"
+        + summary_table(args.out, data)
+        + "\n**Data audit.** When `toolkit audit` has run on these images "
+        "([docs/audit.md](../docs/audit.md)), each evaluation's `metrics.json` carries its "
+        "`audit` block (the accuracy on the whole test split and without the flagged images) "
+        "and `failures.json` marks the known failures whose label the audit doubts, which the "
+        'app\'s "Known failures" tab and the model card show.\n'
     )
     print((args.out / "README.md").read_text())
 

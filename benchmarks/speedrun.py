@@ -293,10 +293,10 @@ def main() -> None:
     }
     saved = load_partial(partial, setup)
     results = saved.get("runs", {k: [] for k in LABELS})
-    invocations = [
-        *saved.get("invocations", []),
-        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    ]
+    invocations = saved.get("invocations", [])
+    this_call = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # named once it measures
+    out = args.out or OUT
+    out.mkdir(parents=True, exist_ok=True)  # now, not after hours of measuring
 
     data_dir = args.data_dir.resolve()
     if args.quick:
@@ -312,6 +312,8 @@ def main() -> None:
     def measure(key: str, seed: int, run, *args) -> None:
         if any(r["seed"] == seed for r in results[key]):
             return
+        if this_call not in invocations:
+            invocations.append(this_call)
         results[key].append({"seed": seed, "invocation": len(invocations), **run(*args)})
         record = {"setup": setup, "invocations": invocations, "runs": results}
         partial.write_text(json.dumps(record, indent=2))
@@ -330,11 +332,10 @@ def main() -> None:
         "command": shlex.join(["python", "-m", "benchmarks.speedrun", *sys.argv[1:]]),
         "sizes": bundle.sizes(),
         "runs": results,
-        "invocations": invocations,  # the calls with this --work; each run names its own
+        "invocations": invocations,  # the calls that measured these runs; each run names its own
         "summary": stats,
         "targets": targets(stats),
     }
-    out = args.out or OUT
     name = "speedrun-quick" if args.quick else "speedrun"
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(report))
