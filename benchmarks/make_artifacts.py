@@ -65,13 +65,21 @@ def int8_pays(report: dict) -> bool:
     return close and int8["faster_than_fp32"]
 
 
+def audit_of(metrics: dict) -> dict | None:
+    """The evaluation's audit block if an audit of this data ran (toolkit evaluate writes
+    {"audit": None, "note": ...} when none did; evaluations from before audits have none)."""
+    audit = metrics.get("audit") or {}
+    return audit if audit.get("audit") else None
+
+
 def served_without_flagged(meta: dict, metrics: dict) -> str:
     """The served figure (with TTA when the graph has it) without the test images the data
     audit flags, or why there is none."""
-    audit = metrics.get("audit")
+    audit = audit_of(metrics)
     if audit is None:
         return "not audited"
-    return f"{audit['accuracy']['tta' if meta.get('tta') else 'plain']['without_flagged']:.2%}"
+    without = audit["accuracy"]["tta" if meta.get("tta") else "plain"]["without_flagged"]
+    return "every image flagged" if without is None else f"{without:.2%}"
 
 
 def summary_row(target: Path, epochs: int) -> str:
@@ -93,7 +101,7 @@ def summary_row(target: Path, epochs: int) -> str:
 def flagged_count(targets: list[Path]) -> str:
     """How many test images the audit flags, as the column header names them."""
     for target in targets:
-        audit = json.loads((target / "metrics.json").read_text()).get("audit")
+        audit = audit_of(json.loads((target / "metrics.json").read_text()))
         if audit is not None:
             return f"{audit['excluded']['total']} "
     return ""

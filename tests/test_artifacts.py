@@ -33,3 +33,17 @@ def test_a_figure_changed_in_a_folder_changes_its_row(tmp_path):
     table = summary_table(tmp_path, DataOptions())
     assert "| cifar10-net | net | 30 | 50.00% | 67.46% |" in table
     assert table not in (ARTIFACTS / "README.md").read_text()
+
+
+def test_an_evaluation_without_an_audit_is_named_not_audited(tmp_path):
+    source = ARTIFACTS / "cifar10-net"
+    net = tmp_path / "cifar10-net"
+    net.mkdir()
+    for file in ("model.json", "model.onnx"):
+        (net / file).symlink_to(source / file)
+    metrics = json.loads((source / "metrics.json").read_text())
+    # what toolkit evaluate writes when no audit of the data was found
+    (net / "metrics.json").write_text(json.dumps({**metrics, "audit": {"audit": None, "note": ""}}))
+    table = summary_table(tmp_path, DataOptions())
+    assert "| without the audit's flagged |" in table
+    assert "| cifar10-net | net | 30 | 66.31% | not audited | top1-beta |" in table
