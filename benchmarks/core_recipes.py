@@ -35,7 +35,8 @@ PLAN = {
     "net2-default-15": ("net2", {}, "default", 15),
     "lenet5-seed-30": ("lenet5", {}, "seed", 30),
     "resnet10-seed-20": ("resnet10", {}, "seed", 20),
-    "speedrun-default-10": ("speedrun", {}, "default", 10),  # the app's default model (#18)
+    # the app's default model (#18), trained before Muon became speedrun's default (#25)
+    "speedrun-airbench94-10": ("speedrun", {}, "airbench94", 10),
 }
 # The reference's accuracy for each plain model (toolkit.reproduce.experiments has them all).
 REFERENCE = {e.name: e.reference.accuracy for e in EXPERIMENTS["cifar10"] if e.name == e.model}

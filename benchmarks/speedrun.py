@@ -5,6 +5,7 @@
     python -m benchmarks.speedrun --data-dir ../shared/data/cifar10 --quick   # smoke check
     python -m benchmarks.speedrun ... --recipe airbench94   # speedrun's SGD recipe (#18's figures)
     python -m benchmarks.speedrun ... --recipe muon --epochs 7   # ours at another budget
+    python -m benchmarks.speedrun ... --recipe muon --flags '--micro-batch 0'   # more flags
     python -m benchmarks.speedrun ... --seeds 1 --val-seeds 0 --work W   # one seed's pair now,
     python -m benchmarks.speedrun ... --seeds 2 --val-seeds 0 --work W   # the next one later
 
@@ -162,7 +163,7 @@ def _toolkit(*args: str) -> float:
 
 
 def ours(
-    data_dir: Path, run_dir: Path, seed: int, val_fraction: float | None, epochs, recipe
+    data_dir: Path, run_dir: Path, seed: int, val_fraction: float | None, epochs, recipe, more=""
 ) -> dict:
     """Train and evaluate one run; airbench's timing rule from its files (the TTA seconds are
     the evaluation's own timing of its TTA pass over the test split)."""
@@ -177,6 +178,7 @@ def ours(
         flags += ["--epochs", str(epochs)]
     if recipe is not None:
         flags += ["--recipe", recipe]
+    flags += shlex.split(more)
     wall = _toolkit("train", "speedrun", *flags)
     wall += _toolkit("evaluate", str(run_dir))
     record = json.loads((run_dir / "eval" / "metrics.json").read_text())
@@ -196,6 +198,7 @@ def ours(
         "epochs": len(history),
         "wall_seconds": wall,
         "train_images": config["sizes"]["train"],
+        "micro_batch": config["micro_batch"],
         "selection": config["selection"],
         "engine": config["engine"],
         "threads": torch.get_num_threads(),
@@ -256,6 +259,9 @@ def main() -> None:
     parser.add_argument(
         "--epochs", type=int, help="ours: epochs instead of the recipe's (the peer keeps its own)"
     )
+    parser.add_argument(
+        "--flags", default="", help="ours: more `toolkit train` flags, e.g. '--micro-batch 0'"
+    )
     parser.add_argument("--peer-precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--peer-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -288,6 +294,7 @@ def main() -> None:
         "peer_precision": precision,
         "recipe": args.recipe or "default",
         "epochs": args.epochs,  # ours; None: the recipe's
+        "flags": args.flags,  # ours: more toolkit train flags
         "data": str(args.data_dir),
         "quick": args.quick,
     }
@@ -322,9 +329,10 @@ def main() -> None:
     for seed in range(args.seeds):
         measure("peer", seed, peer, work, seed, peer_epochs, precision)
         all_dir, val_dir = work / f"ours_all-{seed}", work / f"ours_val-{seed}"
-        measure("ours_all", seed, ours, data_dir, all_dir, seed, 0.0, our_epochs, args.recipe)
+        ours_flags = (our_epochs, args.recipe, args.flags)
+        measure("ours_all", seed, ours, data_dir, all_dir, seed, 0.0, *ours_flags)
         if seed < val_seeds:
-            measure("ours_val", seed, ours, data_dir, val_dir, seed, None, our_epochs, args.recipe)
+            measure("ours_val", seed, ours, data_dir, val_dir, seed, None, *ours_flags)
 
     stats = {k: summary(v) for k, v in results.items() if v}  # --val-seeds 0: no ours_val
     report = {

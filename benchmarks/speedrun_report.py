@@ -63,6 +63,8 @@ def markdown(report: dict) -> str:
     flag = "" if recipe == "default" else f" --recipe {recipe}"
     if report.get("epochs"):
         flag += f" --epochs {report['epochs']}"
+    if report.get("flags"):
+        flag += f" {report['flags']}"
     labels = {
         "peer": f"airbench `train94` (PyPI, CPU shim, {precision})",
         "ours_all": f"`toolkit train speedrun{flag} --val-fraction 0` ({n.get('ours_all')}, "

@@ -16,9 +16,11 @@ from tests.test_speedrun import FAST, META
 from tests.training import tiny_config
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run
+from toolkit.evaluate.calibrators import Calibrator
 from toolkit.export import export_run
 from toolkit.export.onnx_graph import ExportHead, export_classifier
 from toolkit.export.opset import SELECTIVE_TTA_OPSET
+from toolkit.export.recalibrate import with_calibrator
 from toolkit.models import NormalizedClassifier, create_model
 from toolkit.train import fit
 from toolkit.tta import TTAClassifier
@@ -74,6 +76,23 @@ def test_the_exported_if_serves_what_torch_evaluates(classifier):
     sure = x[~unsure][:1].numpy()
     alone = session.run(None, {"image": sure})[0]
     assert np.abs(alone - plain[~unsure.numpy()][:1]).max() < 1e-4
+
+
+def test_a_new_calibrator_behind_the_if_leaves_its_logits_alone(classifier):
+    """Refitting the calibration of a selective graph (INT8 export, benchmarks.calibration)
+    keeps the nodes the If's branches read from around them: the same logits, bit for bit."""
+    x = _images()
+    below, _ = _split_threshold(classifier, x)
+    head = ExportHead(TTAClassifier(classifier, 2, below)).eval()
+    old = export_classifier(head, (3, 32, 32), META, SELECTIVE_TTA_OPSET)
+    new = with_calibrator(old, Calibrator("temperature", 0.5), {"temperature": 0.5})
+    runs = [
+        ort.InferenceSession(m.SerializeToString()).run(None, {"image": x.numpy()})
+        for m in (old, new)
+    ]
+    np.testing.assert_array_equal(runs[1][0], runs[0][0])
+    expected = torch.from_numpy(runs[1][0] / 0.5).softmax(1).numpy()
+    np.testing.assert_allclose(runs[1][1], expected, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

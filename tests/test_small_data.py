@@ -34,7 +34,7 @@ def _recipe(model: str, **flags) -> TrainConfig:
 
 
 def test_a_large_batch_recipe_gets_enough_steps_on_a_small_folder():
-    fitted = fit_to_data(_recipe("speedrun"), 405)  # batch 1024, 10 epochs: 10 steps
+    fitted = fit_to_data(_recipe("speedrun", recipe="airbench94"), 405)  # 10 steps of 1024
     assert fitted.batch_size == 405 // MIN_STEPS_PER_EPOCH == 50
     steps = math.ceil(405 / 50)
     assert fitted.epochs == math.ceil(MIN_STEPS / steps) and fitted.epochs * steps >= MIN_STEPS
@@ -46,13 +46,13 @@ def test_a_large_batch_recipe_gets_enough_steps_on_a_small_folder():
 
 
 def test_what_the_flags_set_and_the_seed_recipe_are_kept():
-    kept = fit_to_data(_recipe("speedrun", batch_size=512, epochs=3), 405)
+    kept = fit_to_data(_recipe("speedrun", recipe="airbench94", batch_size=512, epochs=3), 405)
     assert (kept.batch_size, kept.epochs, kept.fitted_to_data) == (512, 3, None)
     assert fit_to_data(_recipe("net", recipe="seed"), 405).fitted_to_data is None
-    big = fit_to_data(_recipe("speedrun"), 45_000)  # CIFAR-10: the recipe as it was made
+    big = fit_to_data(_recipe("speedrun", recipe="airbench94"), 45_000)  # as it was made
     assert (big.batch_size, big.epochs, big.fitted_to_data) == (1024, 10, None)
     # Muon's 8 epochs of batch 2000 are 184 steps on 45,000: under MIN_STEPS, kept all the same.
-    muon = fit_to_data(_recipe("speedrun", recipe="muon"), 45_000)
+    muon = fit_to_data(_recipe("speedrun"), 45_000)  # speedrun's default
     assert (muon.batch_size, muon.epochs, muon.fitted_to_data) == (2000, 8, None)
 
 

@@ -158,7 +158,7 @@ def test_translate_shifts_by_at_most_its_padding():
 
 
 def _config(**overrides):
-    values = dict(recipes.resolve("default", "speedrun", {}), **overrides)
+    values = dict(recipes.resolve("airbench94", "speedrun", {}), **overrides)
     return TrainConfig(model="speedrun", data=None, **values)
 
 
@@ -311,7 +311,13 @@ def test_a_tta_model_ships_with_its_own_accuracy_and_an_int8_twin(tmp_path, cifa
     """Packaged for the app, the picker and the card show the served graph's accuracy (with
     its TTA views, not the plain net's), the INT8 twin its own; both load and agree."""
     config = tiny_config(
-        cifar_folder, tmp_path, "speedrun", epochs=1, lr=None, model_options={"width": 4}
+        cifar_folder,
+        tmp_path,
+        "speedrun",
+        recipe="airbench94",  # every image gets the views (the default recipe's are selective)
+        epochs=1,
+        lr=None,
+        model_options={"width": 4},
     )
     run = fit(config, run_dir=tmp_path / "run").run_dir
     record = evaluate_run(run, device="cpu")
@@ -370,6 +376,7 @@ def test_a_resumed_speedrun_run_is_exact(tmp_path, cifar_folder):
         cifar_folder,
         tmp_path,
         "speedrun",
+        recipe="airbench94",
         epochs=2,
         batch_size=32,
         lr=None,

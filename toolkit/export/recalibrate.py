@@ -34,7 +34,7 @@ def with_calibrator(
     model: onnx.ModelProto, calibrator: Calibrator, changes: dict[str, Any]
 ) -> onnx.ModelProto:
     """`model` with "probs" computed by `calibrator` and its metadata updated by `changes`."""
-    body = onnx.utils.Extractor(model).extract_model([INPUT_NAME], [LOGITS])
+    body = _up_to_logits(model)
     classes = len(read_metadata(model)["classes"])
     opsets = {o.domain: o.version for o in model.opset_import}
     opset = opsets.get("", opsets.get("ai.onnx"))
@@ -57,3 +57,44 @@ def with_calibrator(
     attach_metadata(merged, {**read_metadata(model), **changes})
     check_model(merged, "the recalibrated model")
     return merged
+
+
+def _up_to_logits(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph from the image to "logits" alone: the nodes "logits" needs, in their order.
+
+    onnx.utils.Extractor does this for flat graphs, but it misses the names an If's branches
+    read from the graph around them (a selective TTA graph, toolkit.export.tta), leaving the
+    branches reading values no node makes any more.
+    """
+    graph = model.graph
+    needed, kept = {LOGITS}, []
+    for node in reversed(graph.node):  # topologically sorted: producers come earlier
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed |= _reads(node)
+    body = onnx.helper.make_graph(
+        nodes=kept[::-1],
+        name=graph.name,
+        inputs=[v for v in graph.input if v.name == INPUT_NAME or v.name in needed],
+        outputs=[v for v in graph.output if v.name == LOGITS],
+        initializer=[t for t in graph.initializer if t.name in needed],
+        value_info=[v for v in graph.value_info if v.name in needed],
+    )
+    extracted = onnx.helper.make_model(
+        body, opset_imports=model.opset_import, ir_version=model.ir_version
+    )
+    extracted.functions.extend(model.functions)
+    return extracted
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Every name `node` reads: its inputs and what its subgraphs read from outside them."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        subgraphs = [attribute.g] if attribute.HasField("g") else []
+        for graph in [*subgraphs, *attribute.graphs]:
+            inside = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+            inside |= {name for n in graph.node for name in n.output}
+            for inner in graph.node:
+                names |= _reads(inner) - inside
+    return names - {""}  # "" marks an optional input left out

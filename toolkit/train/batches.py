@@ -1,6 +1,6 @@
 """Batches straight out of one uint8 tensor: a seeded order, augmentation on the whole batch
 (crop/translation with reflect padding, random or alternating flip, cutout) by tensor ops,
-normalisation, channels_last.
+normalisation, channels_last; BatchNorm's ghost batches when a batch trains in chunks.
 
 In the spirit of airbench: no DataLoader and no per-image Python work, so the same code is
 fast on a CPU and needs no host sync on a GPU. Augmentation parameters are drawn for the
@@ -10,11 +10,13 @@ augmented exactly as in a single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from toolkit.data import Split
 
@@ -207,3 +209,24 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     # Convolutions run ~2x faster in channels_last on the CPU (oneDNN) and on CUDA (tensor
     # cores); the nets are moved to it too, so no layout conversion happens inside them.
     return x.contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def ghost_batches(net: nn.Module, chunks: int):
+    """While a batch trains in `chunks` (--micro-batch), BatchNorm normalises each chunk on its
+    own (ghost batches) and updates its running statistics once per chunk, so their momentum
+    is lowered to 1 - (1 - m)^(1/chunks) meanwhile: a batch's chunks together move them as far
+    as one whole-batch update did."""
+    norms = [
+        m
+        for m in net.modules()
+        if chunks > 1 and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None
+    ]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 1 - (1 - m.momentum) ** (1 / chunks)
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum

@@ -9,7 +9,9 @@ of global batches and trains on its contiguous chunk of each.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -23,7 +25,13 @@ from toolkit import seams
 from toolkit.data import Split
 from toolkit.errors import ToolkitError
 from toolkit.progress import progress_bar
-from toolkit.train.batches import BatchAugment, Normalizer, epoch_batches, to_channels_last
+from toolkit.train.batches import (
+    BatchAugment,
+    Normalizer,
+    epoch_batches,
+    ghost_batches,
+    to_channels_last,
+)
 from toolkit.train.distributed import SINGLE, Context
 from toolkit.train.precision import FP32, Precision
 
@@ -112,6 +120,9 @@ class StepOptions:
     """What shapes one optimisation step besides the net and the data."""
 
     batch_size: int  # global: split across ranks
+    # --micro-batch: forward and backward at most this many images at a time, one optimizer
+    # step per batch (0: the whole batch in one pass)
+    micro_batch: int = 0
     augment: bool = False  # crop + flip
     cutout: int = 0  # side of the zeroed square, 0: off
     translate: int = 0  # crop of the N-px padded image instead of augment's 4 px, 0: off
@@ -131,22 +142,12 @@ class StepOptions:
     skip_nonfinite: bool = False
 
 
-def _backward(loss, optimizer, scaler: torch.amp.GradScaler) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # a disabled scaler (no fp16) passes the loss through
-
-
 def _step(net, optimizer, scaler: torch.amp.GradScaler, grad_clip: float) -> None:
     if grad_clip:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     scaler.step(optimizer)  # skips the step when fp16's scaled gradients overflowed
     scaler.update()
-
-
-def _backward_and_step(loss, net, optimizer, scaler, grad_clip: float) -> None:
-    _backward(loss, optimizer, scaler)
-    _step(net, optimizer, scaler, grad_clip)
 
 
 class _BufferGuard:
@@ -192,13 +193,44 @@ def _advance_schedule(scheduler) -> None:
         scheduler.step()
 
 
+def _forward_backward(
+    net, x, labels, options: StepOptions, optimizer, scaler, weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's mean loss and its logits (both detached), with its gradients left in the
+    parameters: in one pass, or --micro-batch images at a time, each chunk's loss weighted by
+    its share of the batch, so the gradients are the batch's mean either way.
+
+    `weight` scales the loss that is backpropagated (DDP: this rank's share of the batch).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    size = options.micro_batch or len(x)
+    chunks = list(zip(x.split(size), labels.split(size), strict=True))
+    losses, outputs = [], []
+    for i, (images, targets) in enumerate(chunks):
+        # Under DDP the ranks average their gradients once, in the last chunk's backward.
+        last = i == len(chunks) - 1
+        sync = net.no_sync() if hasattr(net, "no_sync") and not last else contextlib.nullcontext()
+        with sync:
+            with options.precision.autocast(x.device):
+                logits = net(images)
+                loss = F.cross_entropy(
+                    logits,
+                    targets,
+                    weight=options.class_weights,
+                    label_smoothing=options.label_smoothing,
+                )
+            share = weight * len(targets) / len(x)
+            # A disabled scaler (no fp16) passes the loss through.
+            scaler.scale(loss * share if share != 1.0 else loss).backward()
+        losses.append(loss.detach() * (len(targets) / len(x)))  # x 1.0: one chunk's is exact
+        outputs.append(logits.detach())
+    return sum(losses), torch.cat(outputs)
+
+
 def _optimise(loss, net, optimizer, scaler, options: StepOptions, guard, dist) -> bool:
-    """Backward and step; returns False when skip mode left the batch out instead."""
-    if guard is None:
-        _backward_and_step(loss, net, optimizer, scaler, options.grad_clip)
-        return True
-    _backward(loss, optimizer, scaler)
-    if _all_finite(loss, optimizer, scaler, dist):
+    """Step on the gradients the batch left; returns False when skip mode left the batch out
+    instead."""
+    if guard is None or _all_finite(loss, optimizer, scaler, dist):
         _step(net, optimizer, scaler, options.grad_clip)
         return True
     optimizer.zero_grad(set_to_none=True)  # no non-finite gradient may reach a later step
@@ -269,27 +301,21 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.float64)
     seen = skipped = 0
     start = time.perf_counter()
-    with progress_bar(len(batches), description, enabled=dist.is_main) as bar:
+    per_rank = math.ceil(options.batch_size / dist.world_size)
+    ghost = ghost_batches(net, math.ceil(per_rank / (options.micro_batch or per_rank)))
+    with progress_bar(len(batches), description, enabled=dist.is_main) as bar, ghost:
         for step, batch in enumerate(batches):
             part = dist.shard(len(batch))
             x, labels = _rank_inputs(split, batch, part, normalize, options, generator, device)
             seams.TRAIN_BATCH(step=step + 1, images=x)
             if guard is not None:
                 guard.save()
-            with options.precision.autocast(device):
-                logits = net(x)
-                loss = F.cross_entropy(
-                    logits,
-                    labels,
-                    weight=options.class_weights,
-                    label_smoothing=options.label_smoothing,
-                )
             # DDP averages the ranks' gradients; weighting each rank's mean by its share of
             # the batch makes that average the whole batch's mean even when chunks differ.
             weight = len(labels) * dist.world_size / len(batch) if dist.is_distributed else 1.0
-            weighted = loss * weight if weight != 1.0 else loss
-            if _optimise(weighted, net, optimizer, scaler, options, guard, dist):
-                total_loss += loss.detach().double() * len(labels)
+            loss, logits = _forward_backward(net, x, labels, options, optimizer, scaler, weight)
+            if _optimise(loss, net, optimizer, scaler, options, guard, dist):
+                total_loss += loss.double() * len(labels)
                 correct += (logits.argmax(1) == labels).sum()
                 seen += len(labels)
                 scheduler.step()

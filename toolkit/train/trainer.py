@@ -231,6 +231,7 @@ def _train_epoch(config, setup: Setup, train, normalize, epoch, dist, device, ru
         setup.net.start_epoch(epoch)
     options = StepOptions(
         batch_size=config.batch_size,
+        micro_batch=config.micro_batch,
         augment=config.augment,
         cutout=config.cutout,
         translate=config.translate,
