@@ -20,6 +20,7 @@ from toolkit.audit.findings import COLUMNS
 from toolkit.cli import app
 from toolkit.data import DataOptions
 from toolkit.errors import ToolkitError
+from toolkit.train.precision import cpu_has_native_bf16
 
 CLASSES = ("apple", "bean", "cherry")
 runner = CliRunner()
@@ -334,8 +335,11 @@ def test_a_model_onnx_gives_the_runs_outputs(planted, planted_run, tmp_path):
     by_onnx = _audit_with(run / "export" / "model.onnx", root, run, tmp_path / "b")
     a = np.load(by_run.folder / "outputs.npz")
     b = np.load(by_onnx.folder / "outputs.npz")
-    np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-4)
-    np.testing.assert_allclose(a["neighbour_similarity"], b["neighbour_similarity"], atol=1e-4)
+    # The checkpoint predicts under --amp auto: bf16 on a CPU that has it natively (its 8-bit
+    # mantissa moved probabilities by up to 0.0016 here), fp32 elsewhere, as the graph does.
+    atol = 5e-3 if cpu_has_native_bf16() else 1e-4
+    np.testing.assert_allclose(a["probs"], b["probs"], atol=atol)
+    np.testing.assert_allclose(a["neighbour_similarity"], b["neighbour_similarity"], atol=atol)
     labels = lambda r: {f.path for f in r.findings if f.issue == "label"}  # noqa: E731
     assert labels(by_run) == labels(by_onnx)
 
