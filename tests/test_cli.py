@@ -137,6 +137,7 @@ def test_serve_passes_its_arguments_to_the_server_command_line():
         (["train", "resnet50"], "unknown model 'resnet50'; choose one of: mlp, net"),
         (["train", "net", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["train", "net", "--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'"),
+        (["train", "speedrun", "--micro-batch", "-1"], "--micro-batch must be zero"),
         (["train", "lenet5", "--width", "8"], "does not support --width"),
         (["train", "net", "--data-dir", "/nonexistent/data"], "does not exist"),
         (["train", "--resume", "/nonexistent/run"], "not found"),

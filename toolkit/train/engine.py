@@ -311,7 +311,7 @@ def train_one_epoch(
             if guard is not None:
                 guard.save()
             # DDP averages the ranks' gradients; weighting each rank's mean by its share of
-            # the batch makes that average the whole batch's mean even when chunks differ.
+            # the batch makes that average the whole batch's mean even when the parts differ.
             weight = len(labels) * dist.world_size / len(batch) if dist.is_distributed else 1.0
             loss, logits = _forward_backward(net, x, labels, options, optimizer, scaler, weight)
             if _optimise(loss, net, optimizer, scaler, options, guard, dist):
