@@ -25,11 +25,11 @@ def markdown(rows: list[dict], meta: dict, margin: float) -> str:
         "ECE: 15 equal-width confidence bins (Guo et al. 2017). Floor: the ECE that labels "
         "drawn from the model's own served probabilities show on these 10,000 images (mean "
         "of 20 draws): what a perfectly calibrated model would measure. Before: the "
-        "probabilities of model.onnx as shipped before issue #26 (one temperature, fitted on "
-        "best.pt's plain logits: for speedrun, without the TTA views its graph serves). After: "
-        "the calibrator chosen on val from the served logits, in the graph. Figures of the "
-        "'before' columns are measured in the same run, before --write rewrote the files (to "
-        "reproduce them, run the command on the artifacts/ of a checkout from before #26).",
+        "probabilities of model.onnx as shipped when this ran, measured before --write "
+        "rewrote the files; after: the calibrator chosen on val from the served logits, in "
+        "the graph. A model exported since issue #26 ships that very calibrator, so both "
+        "agree; the first run, on the models that had one temperature fitted on best.pt's "
+        "plain logits, is kept in [calibration-issue26.md](calibration-issue26.md).",
         "",
         f"| model | test acc | method chosen | ECE before | **ECE after** | floor | above "
         f"floor | ≤ {100 * margin:.1f} pt | NLL before → after | Brier before → after |",
@@ -86,9 +86,10 @@ def markdown(rows: list[dict], meta: dict, margin: float) -> str:
         '## "Not sure": the selective threshold',
         "",
         'Below the threshold the app says "not sure"; the target is 95 % accuracy for the '
-        "predictions kept. Before: the lowest threshold at which the kept val predictions "
-        "were 95 % right. After: the higher of that one and the lowest threshold at which "
-        "their calibrated confidence says 95 % (toolkit.evaluate.calibration.fit_selective). "
+        "predictions kept. Before: the threshold as shipped (before issue #26: the lowest at "
+        "which the kept val predictions were 95 % right). After: the higher of that one and "
+        "the lowest threshold at which their calibrated confidence says 95 % "
+        "(toolkit.evaluate.calibration.fit_selective). "
         "SE: the standard error of the kept test accuracy were it exactly on target, "
         "√(0.95·0.05/n kept).",
         "",

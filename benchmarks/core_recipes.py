@@ -37,6 +37,8 @@ PLAN = {
     "resnet10-seed-20": ("resnet10", {}, "seed", 20),
     # the app's default model (#18), trained before Muon became speedrun's default (#25)
     "speedrun-airbench94-10": ("speedrun", {}, "airbench94", 10),
+    # the app's default model since #25: speedrun's default recipe (muon, selective TTA)
+    "speedrun-default-8": ("speedrun", {}, "default", 8),
 }
 # The reference's accuracy for each plain model (toolkit.reproduce.experiments has them all).
 REFERENCE = {e.name: e.reference.accuracy for e in EXPERIMENTS["cifar10"] if e.name == e.model}

@@ -39,7 +39,9 @@ from toolkit.export.bench import (
     bench_models,
     cpu_info,
     cuda_provider_usable,
+    input_batches,
     make_session,
+    measure_onnx,
 )
 from toolkit.export.onnx_graph import (
     ExportHead,
@@ -482,10 +484,31 @@ def test_report_latency_rows_and_threads(exported):
     for row in rows:
         assert row["p50_ms"] > 0 and row["p95_ms"] >= row["p50_ms"] and row["img_per_s"] > 0
         assert row["runs"] == FAST.min_runs and row["threads"] == torch.get_num_threads()
+        assert row["mean_ms"] > 0
     assert report["threads"]["onnxruntime_intra_op"] == torch.get_num_threads()
     assert report["stats"]["size_mb"] == pytest.approx(
         Path(report["export_dir"], "model.onnx").stat().st_size / 1e6
     )
+
+
+def test_latency_takes_real_images_in_turn_and_noise_only_without_them():
+    images = np.arange(5 * 3 * 2 * 2, dtype=np.float32).reshape(5, 3, 2, 2)
+    first = [batch[:, 0, 0, 0].tolist() for batch in input_batches(2, (3, 2, 2), images)]
+    assert first == [[0, 12], [24, 36]]
+    wrapped = input_batches(7, (3, 2, 2), images)  # fewer images than a batch: around again
+    assert [b[:, 0, 0, 0].tolist() for b in wrapped] == [[0, 12, 24, 36, 48, 0, 12]]
+    (noise,) = input_batches(2, (3, 2, 2))
+    assert noise.shape == (2, 3, 2, 2) and noise.min() >= 0 and noise.max() < 1
+
+    class Recorder:  # a session that remembers what it was fed
+        fed: list[float] = []
+
+        def run(self, _outputs, feed):
+            self.fed.append(float(feed["image"][0, 0, 0, 0]))
+
+    once_each = Timing(warmup=0, min_runs=6, max_runs=6, budget_s=0.0)
+    measure_onnx(Recorder(), (3, 2, 2), CPU, 1, once_each, batches=(1,), images=images)
+    assert Recorder.fed == [0, 12, 24, 36, 48, 0]  # every image in turn, not one again and again
 
 
 def test_int8_report_fields(trained_run, exported):
@@ -521,13 +544,13 @@ def test_int8_report_fields(trained_run, exported):
     assert q["accuracy"] >= fp32["onnx_accuracy"] - 0.05
     assert q["calibration_images"] == min(256, len(data.train))
 
-    p50 = {
-        (r["format"], r["batch"]): r["p50_ms"]
+    mean = {
+        (r["format"], r["batch"]): r["mean_ms"]
         for r in report["latency"]
         if r["runtime"] == "ORT CPU"
     }
     for batch in (1, 64):
-        expected = p50[("onnx fp32", batch)] / p50[("onnx int8", batch)]
+        expected = mean[("onnx fp32", batch)] / mean[("onnx int8", batch)]
         assert q["speedup_vs_fp32"][f"batch_{batch}"] == pytest.approx(expected)
     assert q["faster_than_fp32"] == (min(q["speedup_vs_fp32"].values()) >= 1.0)
     assert ("slower" in q["note"]) != q["faster_than_fp32"]

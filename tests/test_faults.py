@@ -597,6 +597,10 @@ def test_an_interrupted_export_cannot_be_packaged(trained_run, tmp_path, monkeyp
         package_run(run, tmp_path / "artifacts")
 
     export_run(run, timing=FAST_TIMING)
+    int8 = ["package", str(run), "--int8", "--artifacts", str(tmp_path / "a")]
+    result = CliRunner().invoke(app, int8)  # exported without --int8
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert f"without an INT8 model; run `toolkit export {run} --int8`" in result.output
     (run / "export" / "model.onnx").write_bytes(b"edited since")
     with pytest.raises(ToolkitError, match="not the model that export-report.json describes"):
         package_run(run, tmp_path / "artifacts")

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.page.card import tta_rows
+from serving.page.card import report_rows, tta_choice_rows, tta_rows
 from tests.test_speedrun import FAST, META
 from tests.training import tiny_config
 from toolkit.errors import ToolkitError
@@ -140,3 +140,53 @@ def test_the_model_card_says_which_images_get_the_views():
     assert "below 0.7 (23% of the test images)" in text
     every = dict(tta_rows({"tta": 2}, metrics))["test-time augmentation"]
     assert "below" not in every
+
+
+def _row(variant: str, precision: str, val: float, ms: float) -> dict:
+    return {
+        "variant": variant,
+        "precision": precision,
+        "val_accuracy": val,
+        "test_accuracy": val,
+        "batch1_ms": ms,
+    }
+
+
+TTA_ROWS = [
+    _row("plain", "fp32", 0.8966, 1.75),
+    _row("plain", "int8", 0.8932, 1.11),
+    _row("all 6 views", "fp32", 0.9082, 10.93),
+    _row("all 6 views", "int8", 0.9074, 6.29),
+    _row("6 views below p=0.570", "fp32", 0.9080, 5.12),
+    _row("6 views below p=0.570", "int8", 0.9074, 4.57),
+]
+
+
+def test_the_served_tta_is_the_fastest_fp32_graph_within_the_tolerance_with_its_int8_twin():
+    from benchmarks.tta_serving import choose
+
+    choice, twin = choose(TTA_ROWS)
+    assert choice["variant"] == "6 views below p=0.570" and choice["precision"] == "fp32"
+    assert twin["variant"] == choice["variant"] and twin["precision"] == "int8"
+    # a tighter tolerance leaves only the best graph; plain is never within 1 pt of it
+    assert choose(TTA_ROWS, tolerance=0.0001)[0]["variant"] == "all 6 views"
+    assert choose(TTA_ROWS, tolerance=0.012)[0]["variant"] == "plain"
+
+
+def test_the_model_card_shows_the_tta_choice_in_its_own_precision():
+    choice = {"rule": "the fastest", "cpu": "AMD EPYC", "chosen": "6 views below p=0.570"}
+    info = {"tta": 2, "tta_choice": {**choice, "rows": TTA_ROWS}}
+    fp32 = dict(tta_choice_rows(info, "fp32"))["TTA variants"]
+    assert "6 views below p=0.570 **(this graph)**: 90.80% val, 5.1 ms" in fp32
+    assert "all 6 views: 90.82% val, 10.9 ms" in fp32 and "6.3 ms" not in fp32
+    assert fp32.endswith("Chosen as the fastest (AMD EPYC)")
+    assert "4.6 ms" in dict(tta_choice_rows(info, "int8"))["TTA variants"]
+    assert tta_choice_rows({"tta": 2}, "fp32") == []
+    assert tta_choice_rows({"tta_choice": {"rows": "edited"}}, "fp32") == []
+
+
+def test_the_card_counts_the_views_an_unsure_image_costs():
+    report = {"stats": {"macs_per_image": 1000}}
+    assert dict(report_rows(report))["MACs per image"] == "1,000"
+    selective = dict(report_rows(report, unsure_passes=7))["MACs per image"]
+    assert selective == "1,000 for an image it is sure of, 7,000 for one it is not"

@@ -323,7 +323,8 @@ def test_a_tta_model_ships_with_its_own_accuracy_and_an_int8_twin(tmp_path, cifa
     record = evaluate_run(run, device="cpu")
     report = export_run(run, timing=FAST, tta=True, int8=True)
     fp32 = load_model(package_run(run, tmp_path / "artifacts"))
-    int8 = load_model(package_run(run, tmp_path / "artifacts", "speedrun-int8", variant="int8"))
+    int8 = load_model(package_run(run, tmp_path / "artifacts", variant="int8"))
+    assert int8.folder.name == fp32.folder.name + "-int8"  # beside it, by default
 
     assert fp32.test_accuracy == pytest.approx(record["tta"]["accuracy"])
     assert int8.test_accuracy == pytest.approx(report["int8"]["accuracy"])
@@ -331,7 +332,7 @@ def test_a_tta_model_ships_with_its_own_accuracy_and_an_int8_twin(tmp_path, cifa
     served = json.loads((run / "calibration-tta2.json").read_text())
     assert served["tta"] == 2 and fp32.info["calibrator"] == served["calibrator"]
     assert json.loads((run / "calibration.json").read_text())["tta"] == 0  # evaluate's
-    shipped = (tmp_path / "artifacts" / "speedrun-int8" / "model.onnx").read_bytes()
+    shipped = (int8.folder / "model.onnx").read_bytes()
     assert shipped == (run / "export" / "model.int8.onnx").read_bytes()
     card = card_markdown(fp32)
     assert "| test-time augmentation | 6 views (mirror and 1-px shifts) averaged" in card
@@ -362,7 +363,7 @@ def test_a_tta_model_ships_with_its_own_accuracy_and_an_int8_twin(tmp_path, cifa
     report_file = run / "export" / "export-report.json"
     plain = {k: v for k, v in json.loads(report_file.read_text()).items() if k != "int8"}
     report_file.write_text(json.dumps(plain))
-    with pytest.raises(ToolkitError, match=r"has no INT8 model; run `toolkit export --int8` first"):
+    with pytest.raises(ToolkitError, match=r"without an INT8 model; run `toolkit export .*--int8`"):
         package_run(run, tmp_path / "artifacts", "stale-int8", variant="int8")
     assert not (tmp_path / "artifacts" / "stale-int8").exists()
     with pytest.raises(ValueError, match="unknown variant 'fp16'"):

@@ -42,12 +42,16 @@ def card_markdown(model: ServedModel) -> str:
         ),
         ("val accuracy", _percent(info.get("val_accuracy"))),
         *tta_rows(info, model.metrics),
+        *tta_choice_rows(info, model.precision),
         *calibration_rows(info, model.metrics),
         *audit_rows(model.metrics, model.failures),
         ("input", input_row(model.classifier.resize)),
         ("toolkit", str(info.get("toolkit_version", "?"))),
     ]
-    rows += report_rows(model.report, int8=model.precision == "int8")
+    unsure_passes = 0
+    if info.get("tta") and info.get("tta_below") is not None:  # the plain pass, then the views
+        unsure_passes = 1 + int(_section(model.metrics, "tta").get("views", 0))
+    rows += report_rows(model.report, int8=model.precision == "int8", unsure_passes=unsure_passes)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     classes = ", ".join(model.classifier.classes)
     return (
@@ -113,6 +117,26 @@ def tta_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
     return [("test-time augmentation", text)]
 
 
+def tta_choice_rows(info: dict, precision: str) -> list[tuple[str, str]]:
+    """Why the graph runs the views it runs, when its folder records the choice
+    (benchmarks/tta_serving --write): each variant measured in this precision, its val
+    accuracy and batch-1 time, and the rule that chose."""
+    choice = info.get("tta_choice")
+    if not isinstance(choice, dict):
+        return []
+    try:
+        measured = "; ".join(
+            f"{row['variant']}{' **(this graph)**' if row['variant'] == choice['chosen'] else ''}"
+            f": {row['val_accuracy']:.2%} val, {row['batch1_ms']:.1f} ms"
+            for row in choice["rows"]
+            if row["precision"] == precision
+        )
+        text = f"{measured}. Chosen as {choice['rule']} ({choice['cpu']})"
+    except (KeyError, TypeError, ValueError):  # a hand-edited model.json
+        return []
+    return [("TTA variants", text)] if measured else []
+
+
 def calibration_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
     """What the probabilities mean: the calibration method and what it computes, and the
     "not sure" threshold with what it kept on the test split (from the packaged evaluation,
@@ -149,13 +173,19 @@ def calibration_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def report_rows(report: dict, int8: bool = False) -> list[tuple[str, str]]:
+def report_rows(report: dict, int8: bool = False, unsure_passes: int = 0) -> list[tuple[str, str]]:
     """The export report's headline figures, whichever of them this report has (`int8`: the
-    served file is the report's INT8 model, so its own agreement with torch is shown)."""
+    served file is the report's INT8 model, so its own agreement with torch is shown;
+    `unsure_passes`: a selective TTA graph's passes for an image it is unsure of, whose MACs
+    the report's count, of the plain pass, leaves out)."""
     rows = []
     stats = _section(report, "stats")
-    if isinstance(stats.get("macs_per_image"), (int, float)):
-        rows.append(("MACs per image", _number(stats["macs_per_image"])))
+    macs = stats.get("macs_per_image")
+    if isinstance(macs, (int, float)):
+        text = _number(macs)
+        if unsure_passes and isinstance(macs, int):
+            text += f" for an image it is sure of, {macs * unsure_passes:,} for one it is not"
+        rows.append(("MACs per image", text))
     if int8:
         check = _section(report, "int8")
         if isinstance(check.get("top1_agreement_vs_torch"), (int, float)):
@@ -174,7 +204,10 @@ def report_rows(report: dict, int8: bool = False) -> list[tuple[str, str]]:
             and isinstance(row.get("p50_ms"), (int, float))
         ):
             where = f"{row.get('format')}, {row.get('runtime', '?')}, batch {row.get('batch', '?')}"
-            rows.append((f"latency p50 ({where})", f"{row['p50_ms']:.2f} ms"))
+            text = f"{row['p50_ms']:.2f} ms"
+            if isinstance(row.get("mean_ms"), (int, float)):  # a selective graph: they differ
+                text += f" (mean {row['mean_ms']:.2f} ms over real images)"
+            rows.append((f"latency p50 ({where})", text))
     if report.get("opset") is not None:
         rows.append(("ONNX opset", str(report["opset"])))
     return rows

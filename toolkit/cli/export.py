@@ -46,11 +46,16 @@ def bench_cmd(paths: list[Path] = typer.Argument(..., help="model.onnx files (or
 def package_cmd(
     run: Path = typer.Argument(None, help="Evaluated and exported run (default: the latest)."),
     artifacts: Path = typer.Option(Path("artifacts"), help="Artifacts folder the app serves."),
-    name: str = typer.Option(None, help="Folder name (default <dataset>-<model>)."),
+    name: str = typer.Option(
+        None, help="Folder name (default <dataset>-<model>, with --int8 <dataset>-<model>-int8)."
+    ),
+    int8: bool = typer.Option(
+        False, "--int8", help="Package the export's INT8 model (toolkit export --int8) instead."
+    ),
 ):
     """Copy a run's ONNX model, card and known failures into the artifacts the app serves."""
     from toolkit.export import package_run
     from toolkit.run.folder import resolve_run
 
-    target = package_run(resolve_run(run), artifacts, name)
+    target = package_run(resolve_run(run), artifacts, name, variant="int8" if int8 else None)
     console.print(f"packaged into {target}; serve with: toolkit serve --artifacts {artifacts}")

@@ -3,12 +3,14 @@
 Every number is measured the same way for every runtime: warm-up calls first (excluded), then
 timed calls until both a minimum count and a small time budget are reached; p50/p95 come from
 those calls and throughput from their mean. Thread counts are pinned and recorded, because a
-latency without its thread count cannot be compared with anything.
+latency without its thread count cannot be compared with anything. An export times its models
+on real images of the split it checks (input_batches), a file alone on uniform noise.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import time
@@ -36,6 +38,7 @@ from toolkit.export.onnx_graph import (
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 64)
+LATENCY_IMAGES = 256  # the real images an export's timings take in turn (input_batches)
 CPU = "ORT CPU"  # onnxruntime's CPU execution provider
 CUDA = "ORT CUDA"
 TORCH = "torch CPU"  # eager mode
@@ -58,8 +61,9 @@ DEFAULT_TIMING = Timing()
 
 @dataclass(frozen=True)
 class LatencyPlan:
-    """How an export times its models (threads, per-image input shape, timing) and the facts
-    every latency row of that model repeats (model name, parameters, MACs per image)."""
+    """How an export times its models (threads, per-image input shape, timing, the images fed)
+    and the facts every latency row of that model repeats (model name, parameters, MACs per
+    image)."""
 
     threads: int
     input_shape: tuple[int, ...]
@@ -67,6 +71,7 @@ class LatencyPlan:
     model: str
     params: int
     macs: int
+    images: np.ndarray | None = None  # real images in [0, 1] (see input_batches), else noise
 
     def rows(self, fmt: str, size_bytes: int | None, accuracy: float, measured) -> list[dict]:
         """`measured` (latency_row dicts) with the static columns of `fmt` in front."""
@@ -96,14 +101,30 @@ def time_calls(fn: Callable[[], Any], timing: Timing) -> list[float]:
     return times
 
 
+def input_batches(
+    batch: int, input_shape: tuple[int, ...], images: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """What a latency measurement feeds, one after the other: consecutive batches of real
+    `images` (N×C×H×W float32 in [0, 1], wrapping around when there are fewer than a batch),
+    else one batch of uniform noise. A graph whose work depends on its input (selective TTA
+    runs its views only for the images it is unsure of) must be timed on what users send:
+    noise takes one of its paths every time."""
+    if images is None or len(images) == 0:
+        return [np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)]
+    count = max(1, len(images) // batch)
+    index = np.arange(count * batch) % len(images)
+    return [images[index[k * batch : (k + 1) * batch]] for k in range(count)]
+
+
 def latency_row(times_ms: list[float], batch: int, runtime: str, threads: int) -> dict:
-    """p50/p95 latency and throughput of one (runtime, batch) measurement."""
+    """p50/p95/mean latency and throughput of one (runtime, batch) measurement."""
     mean_ms = float(np.mean(times_ms))
     return {
         "runtime": runtime,
         "batch": batch,
         "p50_ms": float(np.percentile(times_ms, 50)),
         "p95_ms": float(np.percentile(times_ms, 95)),
+        "mean_ms": mean_ms,
         "img_per_s": batch * 1000.0 / mean_ms,
         "threads": threads,
         "runs": len(times_ms),
@@ -207,13 +228,13 @@ def measure_onnx(
     threads: int,
     timing: Timing,
     batches: Iterable[int] = BATCH_SIZES,
+    images: np.ndarray | None = None,
 ) -> list[dict]:
-    """Latency rows of an onnxruntime session at each batch size (random inputs in [0, 1])."""
-    rng = np.random.default_rng(0)
+    """Latency rows of an onnxruntime session at each batch size (inputs: input_batches)."""
     rows = []
     for batch in batches:
-        feed = {INPUT_NAME: rng.random((batch, *input_shape), dtype=np.float32)}
-        times = time_calls(lambda feed=feed: session.run(None, feed), timing)
+        feeds = itertools.cycle(input_batches(batch, input_shape, images))
+        times = time_calls(lambda f=feeds: session.run(None, {INPUT_NAME: next(f)}), timing)
         rows.append(latency_row(times, batch, runtime, threads))
     return rows
 
@@ -224,18 +245,21 @@ def measure_torch(
     threads: int,
     timing: Timing,
     batches: Iterable[int] = BATCH_SIZES,
+    images: np.ndarray | None = None,
 ) -> list[dict]:
-    """Latency rows of a torch module in eager mode on the CPU, no autograd."""
+    """Latency rows of a torch module in eager mode on the CPU, no autograd (inputs:
+    input_batches)."""
     module = module.eval()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    generator = torch.Generator().manual_seed(0)
     rows = []
     try:
         with torch.inference_mode():
             for batch in batches:
-                x = torch.rand((batch, *input_shape), generator=generator)
-                times = time_calls(lambda x=x: module(x), timing)
+                feeds = itertools.cycle(
+                    [torch.from_numpy(x) for x in input_batches(batch, input_shape, images)]
+                )
+                times = time_calls(lambda f=feeds: module(next(f)), timing)
                 rows.append(latency_row(times, batch, TORCH, threads))
     finally:
         torch.set_num_threads(previous)

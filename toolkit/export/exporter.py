@@ -29,6 +29,7 @@ from toolkit.evaluate.calibrators import Calibrator
 from toolkit.export.bench import (
     CPU,
     DEFAULT_TIMING,
+    LATENCY_IMAGES,
     LatencyPlan,
     Timing,
     cpu_info,
@@ -151,6 +152,7 @@ def export_run(
         model=meta["model"],
         params=stats["params"],
         macs=stats["macs_per_image"],
+        images=split.images[:LATENCY_IMAGES].float().div(255).numpy(),
     )
     latency = _latency_rows(head, model_bytes, verification, plan)
     fp32 = {**verification, "latency": latency, "size_bytes": len(model_bytes)}
@@ -226,16 +228,16 @@ def _test_accuracy(
 
 def _latency_rows(head, model_bytes: bytes, verification: dict, plan: LatencyPlan) -> list:
     """torch eager and every onnxruntime provider, at each batch size."""
-    shape, threads, timing = plan.input_shape, plan.threads, plan.timing
+    shape, threads, timing, images = plan.input_shape, plan.threads, plan.timing, plan.images
     rows = plan.rows(
         "torch eager",
         None,
         verification["torch_accuracy"],
-        measure_torch(head, shape, threads, timing),
+        measure_torch(head, shape, threads, timing, images=images),
     )
     for runtime in runtimes():
         session = make_session(model_bytes, runtime, threads)
-        measured = measure_onnx(session, shape, runtime, threads, timing)
+        measured = measure_onnx(session, shape, runtime, threads, timing, images=images)
         rows += plan.rows("onnx fp32", len(model_bytes), verification["onnx_accuracy"], measured)
     return rows
 

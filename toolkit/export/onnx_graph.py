@@ -294,7 +294,8 @@ def count_macs(model: onnx.ModelProto) -> int:
     """Multiply-accumulates per image of the Conv, Gemm and MatMul nodes.
 
     Shapes come from onnx shape inference with the batch fixed to 1, so the count works on any
-    exported file (fp32, fp16, QDQ int8) without the torch model.
+    exported file (fp32, fp16, QDQ int8) without the torch model. Only the main graph counts:
+    a selective TTA graph's views, inside an If, run only for the images it is unsure of.
     """
     shapes = _inferred_shapes(_batch_of_one(model))
     macs = 0

@@ -34,7 +34,8 @@ def package_run(
     run_dir: Path, artifacts_dir: Path, name: str | None = None, variant: str | None = None
 ) -> Path:
     """Copy RUN/export and RUN/eval outputs into artifacts_dir/name; returns that folder.
-    `variant` "int8" ships the export's INT8 model instead of the fp32 one."""
+    `variant` "int8" ships the export's INT8 model instead of the fp32 one (by default in
+    <dataset>-<model>-int8, beside the fp32 one)."""
     run_dir, artifacts_dir = Path(run_dir), Path(artifacts_dir)
     if variant not in (None, "int8"):
         raise ValueError(f"unknown variant {variant!r}: None or 'int8'")
@@ -43,15 +44,21 @@ def package_run(
         sources.append(run_dir / "export" / INT8_FILE)
     sources += [run_dir / "eval" / f for f in EVAL_FILES]
     missing = [str(p) for p in sources if not p.is_file()]
+    export = f"`toolkit export {run_dir}{' --int8' if variant else ''}`"
+    report = run_dir / "export" / "export-report.json"
+    # The report says what the export made: an INT8 file beside a report without one is left
+    # from an earlier export.
+    if variant and report.is_file() and not isinstance(read_json(report).get("int8"), dict):
+        raise ToolkitError(f"'{run_dir}' was exported without an INT8 model; run {export}")
     if missing:
         raise ToolkitError(
             f"cannot package '{run_dir}': missing {', '.join(missing)}; run "
-            f"`toolkit evaluate {run_dir}` and `toolkit export {run_dir}` first"
+            f"`toolkit evaluate {run_dir}` and {export} first"
         )
     _check_export_is_whole(run_dir / "export")
     if name is None:
         meta = read_json(run_dir / "export" / "model.json")
-        name = f"{meta['dataset']}-{meta['model']}"
+        name = f"{meta['dataset']}-{meta['model']}" + (f"-{variant}" if variant else "")
     target = artifacts_dir / name
     remove_stale_temp(artifacts_dir, name)  # what a killed package of this model left behind
     # Filled beside the target and swapped in whole, so a half-copied folder is never served.
@@ -68,11 +75,7 @@ def package_run(
 
 def _swap_in_int8(folder: Path) -> None:
     """The INT8 model becomes the folder's model.onnx, described by its own accuracy."""
-    int8 = read_json(folder / "export-report.json").get("int8")
-    if not isinstance(int8, dict):
-        raise ToolkitError(
-            f"'{folder.name}': the export has no INT8 model; run `toolkit export --int8` first"
-        )
+    int8 = read_json(folder / "export-report.json")["int8"]  # package_run checked it is there
     (folder / INT8_FILE).replace(folder / "model.onnx")
     meta = read_json(folder / "model.json")
     meta = {**meta, "test_accuracy": int8["accuracy"], "precision": "int8"}
