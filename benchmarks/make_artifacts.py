@@ -10,8 +10,9 @@ with verified parity (with its test-time augmentation in the graph when the reci
 speedrun), and packages model + metadata + confusion matrix + known failures into
 artifacts/<dataset>-<model>/. speedrun's INT8 export ships beside it as <name>-int8 only if
 it keeps the accuracy within INT8_TOLERANCE, is faster at every measured batch size on this
-CPU and is smaller than the fp32 file. A few real test images per class go to
-artifacts/examples/<dataset>/.
+CPU and is smaller than the fp32 file. For a model with TTA, benchmarks.tta_serving measures
+which views to serve and writes the table into its folders for the model card (and into
+benchmarks/tta_serving.*). A few real test images per class go to artifacts/examples/<dataset>/.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks import tta_serving
 from benchmarks.core_recipes import config_for, train_all
 from toolkit.data import DataOptions, load_data
 from toolkit.evaluate import evaluate_run
@@ -141,10 +143,16 @@ def build(name: str, data: DataOptions, runs: Path, out: Path) -> None:
         evaluate_run(run_dir, split="test")
     report = export_run(run_dir, tta=bool(config.tta), int8=name in WITH_INT8)
     package_run(run_dir, out, name)
+    shipped = [out / name]
     if int8_pays(report):
-        package_run(run_dir, out, f"{name}-int8", variant="int8")
+        shipped.append(package_run(run_dir, out, f"{name}-int8", variant="int8"))
     else:
         shutil.rmtree(out / f"{name}-int8", ignore_errors=True)
+    if config.tta:  # which views to serve: measured, and shown on the model card
+        measured = tta_serving.measure(run_dir)
+        measured["command"] = f"python -m benchmarks.make_artifacts --data-dir DATA --only {name}"
+        tta_serving.save(measured)
+        tta_serving.write_choice(shipped, measured)
 
 
 def main() -> None:

@@ -174,12 +174,13 @@ def test_the_served_tta_is_the_fastest_fp32_graph_within_the_tolerance_with_its_
 
 
 def test_the_model_card_shows_the_tta_choice_in_its_own_precision():
-    choice = {"rule": "the fastest", "cpu": "AMD EPYC", "chosen": "6 views below p=0.570"}
-    info = {"tta": 2, "tta_choice": {**choice, "rows": TTA_ROWS}}
+    choice = {"rule": "the fastest", "timing": "batch 1", "cpu": "AMD EPYC"}
+    choice["chosen"] = "6 views below p=0.570"
+    info = {"tta": 2, "tta_choice": {**choice, "served": "all 6 views", "rows": TTA_ROWS}}
     fp32 = dict(tta_choice_rows(info, "fp32"))["TTA variants"]
-    assert "6 views below p=0.570 **(this graph)**: 90.80% val, 5.1 ms" in fp32
-    assert "all 6 views: 90.82% val, 10.9 ms" in fp32 and "6.3 ms" not in fp32
-    assert fp32.endswith("Chosen as the fastest (AMD EPYC)")
+    assert "all 6 views **(this graph)**: 90.82% val, 10.9 ms" in fp32  # what it serves
+    assert "6 views below p=0.570: 90.80% val, 5.1 ms" in fp32 and "6.3 ms" not in fp32
+    assert fp32.endswith("(ms: batch 1, AMD EPYC). Rule: the fastest → 6 views below p=0.570")
     assert "4.6 ms" in dict(tta_choice_rows(info, "int8"))["TTA variants"]
     assert tta_choice_rows({"tta": 2}, "fp32") == []
     assert tta_choice_rows({"tta_choice": {"rows": "edited"}}, "fp32") == []
@@ -190,3 +191,35 @@ def test_the_card_counts_the_views_an_unsure_image_costs():
     assert dict(report_rows(report))["MACs per image"] == "1,000"
     selective = dict(report_rows(report, unsure_passes=7))["MACs per image"]
     assert selective == "1,000 for an image it is sure of, 7,000 for one it is not"
+
+
+def test_a_shipped_folder_gets_the_table_with_its_own_graph_named(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import benchmarks.tta_serving as tta_serving
+
+    best = SimpleNamespace(best_val_acc=0.9)
+    monkeypatch.setattr(tta_serving.Checkpoint, "load", staticmethod(lambda path: best))
+    rows = [
+        {
+            **r,
+            "tta": 0 if r["variant"] == "plain" else 2,
+            "below": 0.57 if "p=" in r["variant"] else 1.0,
+        }
+        for r in TTA_ROWS
+    ]
+    report = {"run": "runs/x", "tolerance": 0.002, "cpu": {"model": "AMD EPYC"}, "rows": rows}
+    report["choice"] = rows[4]
+    served, other = tmp_path / "selective", tmp_path / "every-view"
+    for folder, below in ((served, 0.57), (other, 1.0)):
+        folder.mkdir()
+        (folder / "model.json").write_text(
+            json.dumps({"val_accuracy": 0.9, "tta": 2, "tta_below": below})
+        )
+    tta_serving.write_choice([served, other], report)
+    block = json.loads((served / "model.json").read_text())["tta_choice"]
+    assert block["served"] == block["chosen"] == "6 views below p=0.570"
+    assert json.loads((other / "model.json").read_text())["tta_choice"]["served"] == "all 6 views"
+    best.best_val_acc = 0.8  # another run's folder is refused, not labelled
+    with pytest.raises(SystemExit, match="was not exported from runs/x/best.pt"):
+        tta_serving.write_choice([served], report)

@@ -120,18 +120,21 @@ def tta_rows(info: dict, metrics: dict) -> list[tuple[str, str]]:
 def tta_choice_rows(info: dict, precision: str) -> list[tuple[str, str]]:
     """Why the graph runs the views it runs, when its folder records the choice
     (benchmarks/tta_serving --write): each variant measured in this precision, its val
-    accuracy and batch-1 time, and the rule that chose."""
+    accuracy and batch-1 time, this graph among them, and what the rule picks."""
     choice = info.get("tta_choice")
     if not isinstance(choice, dict):
         return []
     try:
         measured = "; ".join(
-            f"{row['variant']}{' **(this graph)**' if row['variant'] == choice['chosen'] else ''}"
+            f"{row['variant']}{' **(this graph)**' if row['variant'] == choice['served'] else ''}"
             f": {row['val_accuracy']:.2%} val, {row['batch1_ms']:.1f} ms"
             for row in choice["rows"]
             if row["precision"] == precision
         )
-        text = f"{measured}. Chosen as {choice['rule']} ({choice['cpu']})"
+        text = (
+            f"{measured} (ms: {choice['timing']}, {choice['cpu']}). Rule: {choice['rule']} → "
+            f"{choice['chosen']}"
+        )
     except (KeyError, TypeError, ValueError):  # a hand-edited model.json
         return []
     return [("TTA variants", text)] if measured else []
