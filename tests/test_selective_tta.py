@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from rich.console import Console
 
 from serving.page.card import report_rows, tta_choice_rows, tta_rows
 from tests.test_speedrun import FAST, META
@@ -17,7 +18,7 @@ from tests.training import tiny_config
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run
 from toolkit.evaluate.calibrators import Calibrator
-from toolkit.export import export_run
+from toolkit.export import export_run, print_report
 from toolkit.export.onnx_graph import ExportHead, export_classifier
 from toolkit.export.opset import SELECTIVE_TTA_OPSET
 from toolkit.export.recalibrate import with_calibrator
@@ -131,6 +132,9 @@ def test_a_selective_run_exports_with_its_threshold(selective_run):
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
     record = json.loads((run / "calibration-tta2-below0.5.json").read_text())
     assert record["tta_below"] == 0.5
+    console = Console(record=True, width=200)
+    print_report(report, console)  # the MACs counted are one pass: not every image's cost
+    assert "M MACs/image it is sure of (the others also run the views)" in console.export_text()
 
 
 def test_the_model_card_says_which_images_get_the_views():
