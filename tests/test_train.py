@@ -231,22 +231,22 @@ def test_a_short_default_sgd_run_peaks_higher():
     assert TrainConfig.from_options("net", epochs=2).lr == 0.1
 
 
-def test_a_short_default_run_of_a_small_cnn_trains_its_filters_with_muon():
-    """--epochs 3 or less of net, net2, lenet5: Muon for the conv filters at the values
-    chosen on val; --optimizer and --muon-* still win, other models and recipes keep SGD."""
+def test_the_default_recipe_trains_the_small_cnns_filters_with_muon():
+    """net, net2 and lenet5, short runs or long: Muon for the conv filters at the values
+    chosen on val (benchmarks/small_muon.md); --optimizer and --muon-* still win, other
+    models and recipes keep theirs."""
 
     def chosen(model="net", recipe="default", **overrides):
         values = recipes.resolve(recipe, model, overrides)
         return values["optimizer"], values["muon_lr"], values["muon_momentum"]
 
-    short = ("muon", 0.05, 0.8)
-    assert chosen(epochs=recipes.SHORT_RUN_EPOCHS) == chosen("lenet5", epochs=1) == short
-    assert chosen("net2", epochs=2) == short
-    assert chosen(epochs=recipes.SHORT_RUN_EPOCHS + 1)[0] == "sgd"
+    muon = ("muon", 0.05, 0.8)
+    assert chosen(epochs=recipes.SHORT_RUN_EPOCHS) == chosen("lenet5", epochs=1) == muon
+    assert chosen("net2", epochs=2) == chosen() == chosen("lenet5", epochs=30) == muon
     assert chosen("mlp", epochs=2)[0] == chosen("resnet9", epochs=2)[0] == "sgd"  # not measured
     assert chosen("resnet10", epochs=2)[0] == "adamw"
-    assert chosen(recipe="seed", epochs=2)[0] == "sgd"
-    assert chosen(epochs=2, optimizer="sgd")[0] == "sgd"
+    assert chosen(recipe="seed", epochs=2)[0] == chosen(recipe="seed")[0] == "sgd"
+    assert chosen(epochs=2, optimizer="sgd")[0] == chosen(optimizer="sgd")[0] == "sgd"
     assert chosen(epochs=2, muon_lr=0.1) == ("muon", 0.1, 0.8)
     config = TrainConfig.from_options("net", epochs=2)
     assert config.optimizer == "muon" and "--optimizer" not in " ".join(config.command_flags())
