@@ -104,8 +104,8 @@ class TrainConfig:
     # what it learns: config.json's "engine" block records what they resolved to.
     recipe: str | None = option(
         None,
-        "default (modern, fast; 3 epochs or fewer: no augmentation, twice the lr, Muon for "
-        "the filters of net, net2, lenet5), seed (the reference), finetune (AdamW, warm-up, "
+        "default (modern, fast; Muon for the filters of net, net2, lenet5; 3 epochs or "
+        "fewer: no augmentation, twice the lr), seed (the reference), finetune (AdamW, warm-up, "
         "resized crops: the default with --pretrained); speedrun only: muon (its default: "
         "Muon for the filters, 0.82x the samples) or airbench94 (its SGD recipe).",
     )
