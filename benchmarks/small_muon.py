@@ -19,10 +19,13 @@ import json
 import statistics
 from pathlib import Path
 
+import torch
+
 from toolkit.data import DataOptions
 from toolkit.export.bench import cpu_info
 from toolkit.run.folder import read_metrics
 from toolkit.train import TrainConfig, fit
+from toolkit.train.precision import resolve_amp
 from toolkit.train.recipes import MUON_FILTERS, MUON_MODELS
 
 OUT = Path(__file__).resolve().parent
@@ -97,8 +100,12 @@ def main() -> None:
         f"python -m benchmarks.small_muon --data-dir DATA --epochs {args.epochs} "
         f"--seeds {args.seeds}"
     )
+    cpu = cpu_info()
+    amp = resolve_amp("auto", torch.device("cpu")).name
+    amp = "fp32" if amp == "off" else amp
     report = {
-        "cpu": cpu_info()["model"],
+        "cpu": f"{cpu['model']}, {cpu['logical_cores']} cores, AVX-512 "
+        f"{'yes' if cpu['avx512f'] else 'no'}; `--amp auto` trains in {amp}",
         "command": command,
         "models": args.models,
         "runs": runs,
