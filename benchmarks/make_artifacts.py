@@ -60,8 +60,8 @@ def write_examples(data: DataOptions, out: Path) -> None:
 
 def int8_pays(report: dict) -> bool:
     """Ship the INT8 model only if it is as good, faster and smaller here (the export measured
-    all three). A twin larger than its source (a selective TTA graph's: the quantizer leaves
-    its views in fp32) would add more to the repository than it saves anyone."""
+    all three). A twin larger than its source (a graph whose If branches stayed in fp32,
+    toolkit.export.branches) would add more to the repository than it saves anyone."""
     int8 = report.get("int8")
     if int8 is None:
         return False

@@ -229,10 +229,8 @@ def markdown(report: dict) -> str:
         f"{100 * report['tolerance']:.1f} pt of the best val accuracy. An INT8 graph is never "
         "the app's default: its answers depend on the CPU's integer kernels (the INT8 speedrun "
         "once shipped scored 43.69 % instead of 90.40 % on a CPU without VNNI), and the app "
-        "drops it where they change. `make artifacts` ships the default's INT8 beside it only "
-        "when it is faster and smaller than the fp32 file; a selective graph's is larger "
-        "(onnxruntime's quantizer leaves the views, inside an `If`, in fp32 with their own "
-        "weights).",
+        "drops it where they change. `make artifacts` ships the default's INT8 beside it when "
+        "it is faster and smaller than the fp32 file.",
         "",
         "| variant | precision | val acc | test acc | batch-1 ms |",
         "|---|---|---:|---:|---:|",

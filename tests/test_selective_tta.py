@@ -19,8 +19,10 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_run
 from toolkit.evaluate.calibrators import Calibrator
 from toolkit.export import export_run, print_report
+from toolkit.export.branches import PREFIX
 from toolkit.export.onnx_graph import ExportHead, export_classifier
 from toolkit.export.opset import SELECTIVE_TTA_OPSET
+from toolkit.export.quantize import quantize_int8
 from toolkit.export.recalibrate import with_calibrator
 from toolkit.models import NormalizedClassifier, create_model
 from toolkit.train import fit
@@ -94,6 +96,32 @@ def test_a_new_calibrator_behind_the_if_leaves_its_logits_alone(classifier):
     np.testing.assert_array_equal(runs[1][0], runs[0][0])
     expected = torch.from_numpy(runs[1][0] / 0.5).softmax(1).numpy()
     np.testing.assert_allclose(runs[1][1], expected, atol=1e-5)
+
+
+def test_int8_quantizes_the_views_inside_the_if_too(classifier):
+    """onnxruntime's quantizer leaves an If's branches in fp32 (with fp32 copies of their
+    weights); toolkit.export.branches quantizes the views' branch as a model of its own."""
+    x = _images(64, seed=1)
+    below, _ = _split_threshold(classifier, x)
+    head = ExportHead(TTAClassifier(classifier, 2, below)).eval()
+    fp32 = export_classifier(head, (3, 32, 32), META, SELECTIVE_TTA_OPSET)
+    int8 = quantize_int8(fp32, x.numpy(), vnni=True)
+    onnx.checker.check_model(int8)
+    (views,) = [
+        a.g
+        for node in int8.graph.node
+        if node.op_type == "If"
+        for a in node.attribute
+        if any(inner.op_type == "Conv" for inner in a.g.node)
+    ]
+    made_by = {out: inner.op_type for inner in views.node for out in inner.output}
+    convs = [inner for inner in views.node if inner.op_type == "Conv"]
+    assert convs and all(made_by.get(c.input[1]) == "DequantizeLinear" for c in convs)
+    assert all(t.name.startswith(PREFIX) for t in views.initializer)  # none shadows an outer one
+    weights = {t.name for t in int8.graph.initializer}
+    assert not any(name.endswith("conv1.weight") for name in weights)  # no fp32 copies left
+    session = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"image": x.numpy()})[0].shape == (64, 10)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import onnx
 
 from toolkit.errors import ToolkitError
 from toolkit.evaluate.calibrators import Calibrator
+from toolkit.export.branches import names_read
 from toolkit.export.onnx_graph import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -71,7 +72,7 @@ def _up_to_logits(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in reversed(graph.node):  # topologically sorted: producers come earlier
         if needed.intersection(node.output):
             kept.append(node)
-            needed |= _reads(node)
+            needed |= names_read(node)
     body = onnx.helper.make_graph(
         nodes=kept[::-1],
         name=graph.name,
@@ -85,16 +86,3 @@ def _up_to_logits(model: onnx.ModelProto) -> onnx.ModelProto:
     )
     extracted.functions.extend(model.functions)
     return extracted
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """Every name `node` reads: its inputs and what its subgraphs read from outside them."""
-    names = set(node.input)
-    for attribute in node.attribute:
-        subgraphs = [attribute.g] if attribute.HasField("g") else []
-        for graph in [*subgraphs, *attribute.graphs]:
-            inside = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-            inside |= {name for n in graph.node for name in n.output}
-            for inner in graph.node:
-                names |= _reads(inner) - inside
-    return names - {""}  # "" marks an optional input left out

@@ -148,8 +148,8 @@ _SPEEDRUN_MUON = {
     "lookahead": 0.0,
     # Selective TTA: the views only below a plain top-1 probability of 0.57, a quarter of the
     # val images; chosen on a first run's val (90.80 % against 90.82 % with every view). On
-    # the shipped model's (benchmarks/tta_serving.md): 90.90 % either way, at 1.90 instead of
-    # 3.68 ms per upload.
+    # the shipped model's (benchmarks/tta_serving.md): 90.90 % either way, at 1.42 instead of
+    # 3.17 ms per upload.
     "tta_below": 0.57,
 }
 # net, net2 and lenet5 train their conv filters with Muon (toolkit.train.muon), the rest with
