@@ -123,6 +123,14 @@ def test_int8_quantizes_the_views_inside_the_if_too(classifier):
     session = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, {"image": x.numpy()})[0].shape == (64, 10)
 
+    # No calibration image unsure, nothing to calibrate the views on: they stay fp32.
+    never = ExportHead(TTAClassifier(classifier, 2, 1e-6)).eval()
+    fp32 = export_classifier(never, (3, 32, 32), META, SELECTIVE_TTA_OPSET)
+    int8 = quantize_int8(fp32, x.numpy(), vnni=True)
+    onnx.checker.check_model(int8)
+    views = [a.g for n in int8.graph.node if n.op_type == "If" for a in n.attribute]
+    assert not any(inner.op_type == "QuantizeLinear" for g in views for inner in g.node)
+
 
 @pytest.fixture(scope="module")
 def selective_run(tmp_path_factory, cifar_folder):

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
+from toolkit.errors import ToolkitError
 from toolkit.export.bench import CPU, make_session
 from toolkit.export.onnx_graph import INPUT_NAME
 
@@ -65,13 +66,18 @@ def quantize_branches(
 ) -> onnx.ModelProto:
     """`quantized` (the main graph of `fp32` in INT8) with the If branches that hold a Conv
     quantized too, in place; a branch that cannot be (no calibration batch takes it, a value
-    it reads gone from the quantized graph) stays fp32, with a log line saying why."""
+    it reads gone from the quantized graph, the quantizer refuses it) stays fp32, with a log
+    line saying why."""
     made = {name for node in quantized.graph.node for name in node.output}
     made |= {v.name for v in quantized.graph.input}
     for node in (n for n in fp32.graph.node if n.op_type == "If"):
         target = next(
-            n for n in quantized.graph.node if (n.op_type, n.input[0]) == ("If", node.input[0])
+            (n for n in quantized.graph.node if (n.op_type, n.input[0]) == ("If", node.input[0])),
+            None,
         )
+        if target is None:
+            log.info("INT8: %s is not in the quantized graph; its branches stay fp32", node.name)
+            continue
         for attribute in node.attribute:
             if not any(n.op_type == "Conv" for n in attribute.g.node):
                 continue  # e.g. the branch that passes the plain logits on
@@ -83,7 +89,10 @@ def quantize_branches(
             if not feeds:
                 log.info("INT8: no calibration batch takes %s's %s", node.name, attribute.name)
                 continue
-            _splice(target, attribute.name, quantize(branch, feeds), reads)
+            try:
+                _splice(target, attribute.name, quantize(branch, feeds), reads)
+            except ToolkitError as exc:  # the quantizer refused the branch: it stays fp32
+                log.info("INT8: %s's %s stays fp32: %s", node.name, attribute.name, exc)
     read = {name for node in quantized.graph.node for name in names_read(node)}
     read |= {v.name for v in quantized.graph.output}
     kept = [t for t in quantized.graph.initializer if t.name in read]  # fp32 copies go
