@@ -70,6 +70,8 @@ def quantize_branches(
     line saying why."""
     made = {name for node in quantized.graph.node for name in node.output}
     made |= {v.name for v in quantized.graph.input}
+    inferred = shape_inference.infer_shapes(fp32).graph  # the types of what branches read
+    typed = {v.name: v for v in [*inferred.value_info, *inferred.input, *inferred.output]}
     for node in (n for n in fp32.graph.node if n.op_type == "If"):
         target = next(
             (n for n in quantized.graph.node if (n.op_type, n.input[0]) == ("If", node.input[0])),
@@ -81,11 +83,11 @@ def quantize_branches(
         for attribute in node.attribute:
             if not any(n.op_type == "Conv" for n in attribute.g.node):
                 continue  # e.g. the branch that passes the plain logits on
-            branch, reads = _as_model(fp32, attribute.g)
+            branch, reads = _as_model(fp32, attribute.g, typed)
             if not set(reads) <= made:
                 log.info("INT8: %s's %s stays fp32 (reads %s)", node.name, attribute.name, reads)
                 continue
-            feeds = _feeds(fp32, node.input[0], reads, calibration, batch)
+            feeds = _feeds(fp32, typed, node.input[0], reads, calibration, batch)
             if not feeds:
                 log.info("INT8: no calibration batch takes %s's %s", node.name, attribute.name)
                 continue
@@ -101,14 +103,14 @@ def quantize_branches(
     return quantized
 
 
-def _as_model(model: onnx.ModelProto, branch: onnx.GraphProto) -> tuple[onnx.ModelProto, list[str]]:
-    """`branch` as a model of its own: the outer values it reads become its inputs (typed by
-    shape inference), the outer weights it reads its initializers. Also those input names."""
+def _as_model(
+    model: onnx.ModelProto, branch: onnx.GraphProto, typed: dict[str, onnx.ValueInfoProto]
+) -> tuple[onnx.ModelProto, list[str]]:
+    """`branch` as a model of its own: the outer values it reads become its inputs (typed as
+    `typed` says), the outer weights it reads its initializers. Also those input names."""
     weights = {t.name: t for t in model.graph.initializer}
     outside = sorted(read_from_outside(branch))
     reads = [name for name in outside if name not in weights]
-    inferred = shape_inference.infer_shapes(model).graph
-    typed = {v.name: v for v in [*inferred.value_info, *inferred.input, *inferred.output]}
     graph = onnx.helper.make_graph(
         list(branch.node),
         branch.name,
@@ -123,15 +125,19 @@ def _as_model(model: onnx.ModelProto, branch: onnx.GraphProto) -> tuple[onnx.Mod
 
 
 def _feeds(
-    model: onnx.ModelProto, condition: str, reads: list[str], images: np.ndarray, batch: int
+    model: onnx.ModelProto,
+    typed: dict[str, onnx.ValueInfoProto],
+    condition: str,
+    reads: list[str],
+    images: np.ndarray,
+    batch: int,
 ) -> list[dict]:
     """The values the branch reads, as the fp32 graph computes them for each batch of
     `images` whose If takes the branch (its condition true)."""
     probe = copy.deepcopy(model)
-    values = {v.name: v for v in shape_inference.infer_shapes(model).graph.value_info}
-    outputs = {o.name for o in probe.graph.output}
+    given = {o.name for o in probe.graph.output} | {v.name for v in probe.graph.input}
     probe.graph.output.extend(
-        values[name] for name in [condition, *reads] if name in values and name not in outputs
+        typed[name] for name in [condition, *reads] if name in typed and name not in given
     )
     session = make_session(probe.SerializeToString(), CPU, 1)
     names = [o.name for o in session.get_outputs()]
